@@ -1,0 +1,74 @@
+//! Guest image loaders. Each loader writes an image into guest RAM and says where and in which
+//! CPU mode the boot vCPU starts; `cpu::entry` then builds that CPU state.
+
+mod elf;
+mod flat;
+
+pub use elf::load_elf;
+pub use flat::load_flat;
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::Error;
+
+/// The CPU mode a guest image is entered in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuMode {
+    /// 16-bit real mode; all segments based at the load address.
+    Real,
+    /// 32-bit protected mode, flat segments, paging off.
+    Protected,
+    /// 64-bit long mode on an identity map of the low 4 GiB.
+    Long,
+}
+
+impl CpuMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CpuMode::Real => "real",
+            CpuMode::Protected => "protected",
+            CpuMode::Long => "long",
+        }
+    }
+}
+
+impl fmt::Display for CpuMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for CpuMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "real" => Ok(CpuMode::Real),
+            "protected" => Ok(CpuMode::Protected),
+            "long" => Ok(CpuMode::Long),
+            other => Err(Error::Config(format!(
+                "unknown CPU mode {other:?}: expected \"real\", \"protected\" or \"long\""
+            ))),
+        }
+    }
+}
+
+/// Where and how the boot vCPU starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryPoint {
+    pub mode: CpuMode,
+    /// Guest-physical address of the first instruction.
+    pub address: u64,
+}
+
+/// Low memory that vmcore uses to enter protected and long mode: a GDT at
+/// [`SCRATCH_GDT`], identity page tables from [`SCRATCH_PML4`], and the initial stack below
+/// [`SCRATCH_END`]. Images must not overlap it unless they are entered in real mode.
+pub const SCRATCH_START: u64 = 0x500;
+pub const SCRATCH_GDT: u64 = 0x500;
+pub const SCRATCH_PML4: u64 = 0x1000;
+pub const SCRATCH_END: u64 = 0x8000;
+
+pub(crate) fn overlaps_scratch(start: u64, len: u64) -> bool {
+    len > 0 && start < SCRATCH_END && start.saturating_add(len) > SCRATCH_START
+}

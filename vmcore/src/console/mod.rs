@@ -1,0 +1,324 @@
+//! What the guest prints and what it is sent.
+//!
+//! Every byte the guest transmits is kept (nothing is dropped, however long the boot), optionally
+//! teed to stdout, stderr or a file. [`Console::expect`] waits for a regular expression the way
+//! pexpect does: each match consumes the output up to its end, so successive calls walk forward.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use regex::bytes::Regex;
+
+use crate::devices::lock;
+use crate::{Error, Result};
+
+/// Where to copy console output as it arrives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Tee {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+impl Tee {
+    /// `"stdout"`, `"stderr"`, or a file path.
+    pub fn parse(spec: &str) -> Tee {
+        match spec {
+            "stdout" | "-" => Tee::Stdout,
+            "stderr" => Tee::Stderr,
+            path => Tee::File(path.into()),
+        }
+    }
+
+    fn open(&self) -> Result<Box<dyn Write + Send>> {
+        Ok(match self {
+            Tee::Stdout => Box::new(io::stdout()),
+            Tee::Stderr => Box::new(io::stderr()),
+            Tee::File(path) => Box::new(File::create(path).map_err(|e| Error::Io {
+                context: format!("cannot open console log {}", path.display()),
+                source: e,
+            })?),
+        })
+    }
+}
+
+/// Something that takes bytes for the guest (the UART receiver).
+pub trait ConsoleInput: Send {
+    fn feed(&mut self, bytes: &[u8]);
+}
+
+/// A successful [`Console::expect`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Match {
+    /// The matched text.
+    pub text: String,
+    /// Byte offsets of the match in the whole console output.
+    pub start: usize,
+    pub end: usize,
+    /// Capture groups (index 0 is the whole match); `None` for a group that did not take part.
+    pub groups: Vec<Option<String>>,
+    /// Names of the capture groups, parallel to `groups`.
+    pub names: Vec<Option<String>>,
+}
+
+struct OutputState {
+    bytes: Vec<u8>,
+    /// Where the next `expect` starts searching.
+    cursor: usize,
+    /// Whether the VM is running, so more output may come.
+    live: bool,
+    /// Why no more output will come, when not live.
+    status: String,
+    tee: Option<Box<dyn Write + Send>>,
+    tee_error: Option<String>,
+}
+
+struct Shared {
+    state: Mutex<OutputState>,
+    grew: Condvar,
+}
+
+pub struct Console {
+    shared: Arc<Shared>,
+    input: Mutex<Option<Arc<Mutex<dyn ConsoleInput>>>>,
+}
+
+/// The device side of the console: implements `Write` for the UART's transmitter.
+pub struct ConsoleWriter(Arc<Shared>);
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut st = lock(&self.0.state);
+        st.bytes.extend_from_slice(buf);
+        if let Some(tee) = st.tee.as_mut() {
+            if let Err(e) = tee.write_all(buf).and_then(|_| tee.flush()) {
+                // Keep the guest running and the buffer complete; report the lost tee once.
+                st.tee_error = Some(e.to_string());
+                st.tee = None;
+            }
+        }
+        drop(st);
+        self.0.grew.notify_all();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+const TAIL_CHARS: usize = 2000;
+
+impl Console {
+    pub fn new(tee: Option<&Tee>) -> Result<Console> {
+        let tee = tee.map(Tee::open).transpose()?;
+        Ok(Console {
+            shared: Arc::new(Shared {
+                state: Mutex::new(OutputState {
+                    bytes: Vec::new(),
+                    cursor: 0,
+                    live: false,
+                    status: "not started".into(),
+                    tee,
+                    tee_error: None,
+                }),
+                grew: Condvar::new(),
+            }),
+            input: Mutex::new(None),
+        })
+    }
+
+    /// A writer for the transmitting device.
+    pub fn writer(&self) -> ConsoleWriter {
+        ConsoleWriter(self.shared.clone())
+    }
+
+    /// Connects the receiving device that [`Console::send`] feeds.
+    pub fn attach_input(&self, input: Arc<Mutex<dyn ConsoleInput>>) {
+        *lock(&self.input) = Some(input);
+    }
+
+    /// Everything the guest has printed, decoded as UTF-8 (invalid bytes become U+FFFD).
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&lock(&self.shared.state).bytes).into_owned()
+    }
+
+    /// The raw bytes the guest has printed.
+    pub fn output_bytes(&self) -> Vec<u8> {
+        lock(&self.shared.state).bytes.clone()
+    }
+
+    /// The last ~2000 characters of output, for error messages.
+    pub fn tail(&self) -> String {
+        tail_of(&lock(&self.shared.state).bytes)
+    }
+
+    /// Why teeing stopped, if writing to the tee failed.
+    pub fn tee_error(&self) -> Option<String> {
+        lock(&self.shared.state).tee_error.clone()
+    }
+
+    /// Sends bytes to the guest's serial receiver. Bytes the FIFO cannot take yet are queued.
+    pub fn send(&self, bytes: &[u8]) -> Result<()> {
+        match lock(&self.input).as_ref() {
+            Some(input) => {
+                lock(input).feed(bytes);
+                Ok(())
+            }
+            None => Err(Error::State("this console has no input device".into())),
+        }
+    }
+
+    /// Marks the VM running (more output may come) or ended with `status`.
+    pub(crate) fn set_live(&self, live: bool, status: &str) {
+        let mut st = lock(&self.shared.state);
+        st.live = live;
+        st.status = status.to_string();
+        drop(st);
+        self.shared.grew.notify_all();
+    }
+
+    /// Waits up to `timeout` for `pattern` (Rust `regex` syntax) in the output after the previous
+    /// match, and consumes the output up to the end of this one.
+    pub fn expect(&self, pattern: &str, timeout: Duration) -> Result<Match> {
+        let re = Regex::new(pattern)
+            .map_err(|e| Error::Pattern { pattern: pattern.into(), reason: e.to_string() })?;
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut st = lock(&self.shared.state);
+        let mut searched_to = st.cursor;
+        loop {
+            // Resume a little before where the last search stopped, so a match straddling the
+            // old end is found without rescanning all of a long boot log (a match longer than
+            // the 4 KiB overlap may then be found shortened at its start).
+            let from = searched_to.saturating_sub(4096).max(st.cursor);
+            if let Some(caps) = re.captures_at(&st.bytes, from) {
+                let whole = caps.get(0).expect("group 0 always exists");
+                let found = Match {
+                    text: String::from_utf8_lossy(whole.as_bytes()).into_owned(),
+                    start: whole.start(),
+                    end: whole.end(),
+                    groups: caps
+                        .iter()
+                        .map(|g| g.map(|g| String::from_utf8_lossy(g.as_bytes()).into_owned()))
+                        .collect(),
+                    names: re.capture_names().map(|n| n.map(str::to_string)).collect(),
+                };
+                st.cursor = whole.end();
+                return Ok(found);
+            }
+            searched_to = st.bytes.len();
+            if !st.live {
+                return Err(Error::ConsoleEnded {
+                    pattern: pattern.into(),
+                    outcome: st.status.clone(),
+                    tail: tail_of(&st.bytes),
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::ConsoleTimeout {
+                    pattern: pattern.into(),
+                    waited: now - start,
+                    tail: tail_of(&st.bytes),
+                });
+            }
+            st = self
+                .shared
+                .grew
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+fn tail_of(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let skip = text.chars().count().saturating_sub(TAIL_CHARS);
+    text.chars().skip(skip).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    fn print(c: &Console, s: &str) {
+        c.writer().write_all(s.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn expect_walks_forward_and_reports_groups() {
+        let c = Console::new(None).unwrap();
+        c.set_live(true, "running");
+        print(&c, "boot 1\nvalue=42 ok\nboot 2\n");
+        let m = c.expect(r"boot (\d)", Duration::from_secs(1)).unwrap();
+        assert_eq!(m.groups[1].as_deref(), Some("1"));
+        let m = c.expect(r"value=(?P<v>\d+)", Duration::from_secs(1)).unwrap();
+        assert_eq!(m.groups[1].as_deref(), Some("42"));
+        assert_eq!(m.names[1].as_deref(), Some("v"));
+        let m = c.expect(r"boot (\d)", Duration::from_secs(1)).unwrap();
+        assert_eq!(m.groups[1].as_deref(), Some("2"), "the first boot line was consumed");
+    }
+
+    #[test]
+    fn expect_waits_for_output_from_another_thread() {
+        let c = Arc::new(Console::new(None).unwrap());
+        c.set_live(true, "running");
+        let w = c.clone();
+        let t = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(50));
+            print(&w, "hel");
+            thread::sleep(Duration::from_millis(20));
+            print(&w, "lo world\n");
+        });
+        let m = c.expect("hello w", Duration::from_secs(5)).unwrap();
+        assert_eq!(m.text, "hello w");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn timeout_and_end_carry_the_tail() {
+        let c = Console::new(None).unwrap();
+        c.set_live(true, "running");
+        print(&c, "last words\n");
+        let t0 = Instant::now();
+        let err = c.expect("never", Duration::from_millis(100)).unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        assert!(matches!(err, Error::ConsoleTimeout { .. }));
+        assert!(err.to_string().contains("last words"), "{err}");
+        c.set_live(false, "halted");
+        let err = c.expect("never", Duration::from_secs(60)).unwrap_err();
+        assert!(matches!(err, Error::ConsoleEnded { .. }));
+        assert!(err.to_string().contains("halted"), "{err}");
+        assert!(matches!(c.expect("(", Duration::ZERO), Err(Error::Pattern { .. })));
+    }
+
+    #[test]
+    fn long_output_keeps_every_byte_and_finds_late_matches() {
+        let c = Console::new(None).unwrap();
+        c.set_live(true, "running");
+        let line = "x".repeat(99) + "\n";
+        for _ in 0..1000 {
+            print(&c, &line);
+        }
+        print(&c, "MARKER\n");
+        assert_eq!(c.output().len(), 100 * 1000 + 7);
+        c.expect("MARKER", Duration::from_secs(1)).unwrap();
+        assert!(c.tail().ends_with("MARKER\n"));
+    }
+
+    #[test]
+    fn tee_copies_to_a_file_and_send_needs_an_input() {
+        let dir = std::env::temp_dir().join(format!("vmcore-tee-{}", std::process::id()));
+        let c = Console::new(Some(&Tee::File(dir.clone()))).unwrap();
+        print(&c, "to the file\n");
+        assert_eq!(std::fs::read_to_string(&dir).unwrap(), "to the file\n");
+        std::fs::remove_file(dir).unwrap();
+        assert!(c.send(b"x").is_err());
+    }
+}

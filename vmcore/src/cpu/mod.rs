@@ -1,0 +1,12 @@
+//! vCPUs: the run loop and its exit dispatch, registers, CPUID, entry state, and kicking a
+//! vCPU thread out of KVM_RUN.
+
+pub mod cpuid;
+pub mod entry;
+mod exit;
+pub mod kick;
+pub mod regs;
+mod vcpu;
+
+pub use regs::{RegisterFile, REGISTER_NAMES};
+pub use vcpu::{Vcpu, VcpuEnv, VcpuStatus};

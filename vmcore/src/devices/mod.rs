@@ -1,0 +1,151 @@
+//! Devices and the port-I/O bus they sit on.
+
+mod debug_exit;
+mod serial;
+
+pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
+pub use serial::{SerialPort, COM1_IRQ, COM1_PORT};
+
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::outcome::Outcome;
+use crate::{Error, Result};
+
+/// A device on the port-I/O bus. `offset` is relative to the device's base port.
+pub trait PortDevice: Send {
+    fn read(&mut self, offset: u16, data: &mut [u8]);
+    /// Handles a write; a device may end the VM (debug-exit, reset lines) by returning an outcome.
+    fn write(&mut self, offset: u16, data: &[u8]) -> Option<Outcome>;
+}
+
+/// What the bus did with an access.
+#[derive(Debug)]
+pub enum BusResult {
+    /// No device claims the port.
+    Unhandled,
+    Done,
+    /// The device asked for the VM to end.
+    Exit(Outcome),
+}
+
+struct PortRange {
+    base: u16,
+    len: u16,
+    device: Arc<Mutex<dyn PortDevice>>,
+}
+
+/// Port ranges mapped to devices. Built before the VM starts, read-only afterwards.
+#[derive(Default)]
+pub struct IoBus {
+    ranges: Vec<PortRange>,
+}
+
+impl IoBus {
+    pub fn insert(&mut self, base: u16, len: u16, device: Arc<Mutex<dyn PortDevice>>) -> Result<()> {
+        let end = u32::from(base) + u32::from(len);
+        if len == 0 || end > 0x1_0000 {
+            return Err(Error::Config(format!("bad port range {base:#x}+{len}")));
+        }
+        if let Some(r) = self
+            .ranges
+            .iter()
+            .find(|r| u32::from(base) < u32::from(r.base) + u32::from(r.len) && u32::from(r.base) < end)
+        {
+            return Err(Error::Config(format!(
+                "port range {base:#x}+{len} overlaps {:#x}+{}",
+                r.base, r.len
+            )));
+        }
+        self.ranges.push(PortRange { base, len, device });
+        Ok(())
+    }
+
+    fn find(&self, port: u16) -> Option<&PortRange> {
+        self.ranges.iter().find(|r| port >= r.base && port - r.base < r.len)
+    }
+
+    pub fn read(&self, port: u16, data: &mut [u8]) -> BusResult {
+        match self.find(port) {
+            Some(r) => {
+                lock(&r.device).read(port - r.base, data);
+                BusResult::Done
+            }
+            None => BusResult::Unhandled,
+        }
+    }
+
+    pub fn write(&self, port: u16, data: &[u8]) -> BusResult {
+        match self.find(port) {
+            Some(r) => match lock(&r.device).write(port - r.base, data) {
+                Some(outcome) => BusResult::Exit(outcome),
+                None => BusResult::Done,
+            },
+            None => BusResult::Unhandled,
+        }
+    }
+}
+
+/// Locks a device even if a previous holder panicked: device state stays usable, and the panic
+/// itself is reported through the vCPU thread's outcome.
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// An interrupt line wired to a KVM GSI through an irqfd: triggering it injects the interrupt
+/// without a trip through the vCPU thread.
+pub struct IrqLine(EventFd);
+
+impl IrqLine {
+    pub fn new() -> Result<IrqLine> {
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map(IrqLine)
+            .map_err(|e| Error::Io { context: "cannot create an interrupt eventfd".into(), source: e.into() })
+    }
+
+    pub fn eventfd(&self) -> &EventFd {
+        &self.0
+    }
+}
+
+impl vm_superio::Trigger for IrqLine {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo(u8);
+    impl PortDevice for Echo {
+        fn read(&mut self, offset: u16, data: &mut [u8]) {
+            data.fill(self.0 + offset as u8);
+        }
+        fn write(&mut self, _: u16, data: &[u8]) -> Option<Outcome> {
+            self.0 = data[0];
+            None
+        }
+    }
+
+    #[test]
+    fn bus_routes_by_range_and_refuses_overlaps() {
+        let mut bus = IoBus::default();
+        bus.insert(0x100, 4, Arc::new(Mutex::new(Echo(0x10)))).unwrap();
+        assert!(bus.insert(0x103, 2, Arc::new(Mutex::new(Echo(0)))).is_err());
+        assert!(bus.insert(0xFFFF, 2, Arc::new(Mutex::new(Echo(0)))).is_err());
+        bus.insert(0x104, 1, Arc::new(Mutex::new(Echo(0x20)))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(bus.read(0x102, &mut b), BusResult::Done));
+        assert_eq!(b[0], 0x12);
+        assert!(matches!(bus.write(0x100, &[0x50]), BusResult::Done));
+        bus.read(0x101, &mut b);
+        assert_eq!(b[0], 0x51);
+        bus.read(0x104, &mut b);
+        assert_eq!(b[0], 0x20);
+        assert!(matches!(bus.read(0x105, &mut b), BusResult::Unhandled));
+    }
+}

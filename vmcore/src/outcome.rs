@@ -1,0 +1,111 @@
+//! How a run ended.
+
+use std::fmt;
+
+/// Why a VM stopped running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExitReason {
+    /// Every vCPU is halted with interrupts disabled: nothing can wake it.
+    Halted,
+    /// A triple fault (or KVM's shutdown exit).
+    Shutdown,
+    /// The guest wrote to the debug-exit port; `code` holds the value.
+    DebugExit,
+    /// The run's timeout passed.
+    Timeout,
+    /// `stop()` was called.
+    Stopped,
+    /// KVM could not emulate an instruction; `rip` and `instruction` say which.
+    EmulationFailure,
+    /// KVM or vmcore failed in a way the guest did not ask for; `detail` says how.
+    InternalError,
+}
+
+impl ExitReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitReason::Halted => "halted",
+            ExitReason::Shutdown => "shutdown",
+            ExitReason::DebugExit => "debug_exit",
+            ExitReason::Timeout => "timeout",
+            ExitReason::Stopped => "stopped",
+            ExitReason::EmulationFailure => "emulation_failure",
+            ExitReason::InternalError => "internal_error",
+        }
+    }
+
+    /// Whether the VM may be started again after ending this way.
+    pub fn is_resumable(self) -> bool {
+        matches!(self, ExitReason::Timeout | ExitReason::Stopped)
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The result of a run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub reason: ExitReason,
+    /// The debug-exit value.
+    pub code: Option<u64>,
+    /// The vCPU that ended the run, when one did.
+    pub vcpu: Option<usize>,
+    /// That vCPU's instruction pointer (linear address) when it did.
+    pub rip: Option<u64>,
+    /// The bytes of the instruction at `rip`, for emulation failures.
+    pub instruction: Vec<u8>,
+    /// A human-readable explanation.
+    pub detail: String,
+}
+
+impl Outcome {
+    pub fn new(reason: ExitReason) -> Outcome {
+        Outcome { reason, code: None, vcpu: None, rip: None, instruction: Vec::new(), detail: String::new() }
+    }
+
+    pub fn with_code(mut self, code: u64) -> Outcome {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Outcome {
+        self.detail = detail.into();
+        self
+    }
+
+    pub fn internal(detail: impl Into<String>) -> Outcome {
+        Outcome::new(ExitReason::InternalError).with_detail(detail)
+    }
+
+    /// The process exit status QEMU's isa-debug-exit would give: `(code << 1) | 1`.
+    pub fn qemu_exit_status(&self) -> Option<u64> {
+        self.code.map(|c| (c << 1) | 1)
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason.as_str())?;
+        if let Some(code) = self.code {
+            write!(f, " code={code:#x}")?;
+        }
+        if let Some(v) = self.vcpu {
+            write!(f, " vcpu={v}")?;
+        }
+        if let Some(rip) = self.rip {
+            write!(f, " rip={rip:#x}")?;
+        }
+        if !self.instruction.is_empty() {
+            let hex: Vec<String> = self.instruction.iter().map(|b| format!("{b:02x}")).collect();
+            write!(f, " bytes={}", hex.join(" "))?;
+        }
+        if !self.detail.is_empty() {
+            write!(f, ": {}", self.detail)?;
+        }
+        Ok(())
+    }
+}

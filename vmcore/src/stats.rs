@@ -1,0 +1,62 @@
+//! Exit counters. Each vCPU counts into its own `ExitStats`; the VM merges them on demand.
+
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    /// KVM exits by reason name (`io_in`, `io_out`, `mmio_read`, `hlt`, `kick`, ...).
+    pub exits: BTreeMap<&'static str, u64>,
+    /// Port reads no device claimed (they returned all-ones), by port.
+    pub unhandled_port_reads: BTreeMap<u16, u64>,
+    /// Port writes no device claimed (dropped), by port.
+    pub unhandled_port_writes: BTreeMap<u16, u64>,
+    /// MMIO reads nothing claimed (all-ones), by address.
+    pub unhandled_mmio_reads: BTreeMap<u64, u64>,
+    /// MMIO writes nothing claimed (dropped), by address.
+    pub unhandled_mmio_writes: BTreeMap<u64, u64>,
+}
+
+impl ExitStats {
+    pub fn count_exit(&mut self, reason: &'static str) {
+        *self.exits.entry(reason).or_default() += 1;
+    }
+
+    pub fn merge(&mut self, other: &ExitStats) {
+        fn add<K: Ord + Copy>(into: &mut BTreeMap<K, u64>, from: &BTreeMap<K, u64>) {
+            for (k, v) in from {
+                *into.entry(*k).or_default() += v;
+            }
+        }
+        add(&mut self.exits, &other.exits);
+        add(&mut self.unhandled_port_reads, &other.unhandled_port_reads);
+        add(&mut self.unhandled_port_writes, &other.unhandled_port_writes);
+        add(&mut self.unhandled_mmio_reads, &other.unhandled_mmio_reads);
+        add(&mut self.unhandled_mmio_writes, &other.unhandled_mmio_writes);
+    }
+
+    /// All exits, kicks included.
+    pub fn total_exits(&self) -> u64 {
+        self.exits.values().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_adds_per_key() {
+        let mut a = ExitStats::default();
+        a.count_exit("io_out");
+        a.unhandled_port_reads.insert(0x80, 2);
+        let mut b = ExitStats::default();
+        b.count_exit("io_out");
+        b.count_exit("hlt");
+        b.unhandled_port_reads.insert(0x80, 3);
+        a.merge(&b);
+        assert_eq!(a.exits["io_out"], 2);
+        assert_eq!(a.exits["hlt"], 1);
+        assert_eq!(a.unhandled_port_reads[&0x80], 5);
+        assert_eq!(a.total_exits(), 3);
+    }
+}

@@ -1,0 +1,400 @@
+//! VM lifecycle: build a machine, load an image, start, wait, stop.
+//!
+//! Each run has one supervisor thread and one thread per vCPU. The supervisor starts the vCPU
+//! threads, enforces the timeout, notices when every vCPU is halted with interrupts off, and
+//! kicks vCPU threads out of KVM_RUN when the run must end (see `cpu::kick`). The first vCPU
+//! or caller to ask for an end decides the [`Outcome`].
+
+mod supervisor;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_enable_cap, kvm_pit_config, KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::boot::{self, CpuMode, EntryPoint};
+use crate::console::{Console, Tee};
+use crate::cpu::{cpuid, kick, RegisterFile, Vcpu, VcpuStatus};
+use crate::devices::{lock, DebugExit, IoBus, IrqLine, SerialPort, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
+use crate::memory::GuestRam;
+use crate::outcome::{ExitReason, Outcome};
+use crate::paging;
+use crate::stats::ExitStats;
+use crate::{Error, Result};
+
+/// Where KVM puts the TSS it needs for real-mode emulation on Intel: inside the MMIO hole.
+const KVM_TSS_ADDRESS: usize = 0xFFFB_D000;
+/// The most vCPUs a VM may have (xAPIC IDs are 8 bits).
+pub const MAX_VCPUS: usize = 254;
+
+/// Builds a [`Vm`].
+#[derive(Clone, Debug)]
+pub struct VmBuilder {
+    memory: u64,
+    vcpus: usize,
+    tee: Option<Tee>,
+}
+
+impl Default for VmBuilder {
+    fn default() -> Self {
+        VmBuilder { memory: 64 << 20, vcpus: 1, tee: None }
+    }
+}
+
+impl VmBuilder {
+    pub fn new() -> VmBuilder {
+        VmBuilder::default()
+    }
+
+    /// Guest RAM in bytes (see [`crate::memory::parse_size`] for "64M"-style sizes).
+    pub fn memory(mut self, bytes: u64) -> Self {
+        self.memory = bytes;
+        self
+    }
+
+    pub fn vcpus(mut self, count: usize) -> Self {
+        self.vcpus = count;
+        self
+    }
+
+    /// Copies console output to stdout, stderr or a file as it arrives.
+    pub fn tee(mut self, tee: Option<Tee>) -> Self {
+        self.tee = tee;
+        self
+    }
+
+    pub fn build(self) -> Result<Vm> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(Error::Config(format!("vcpus must be 1..={MAX_VCPUS}, got {}", self.vcpus)));
+        }
+        kick::install()?;
+        let kvm = Kvm::new().map_err(|e| {
+            Error::KvmUnavailable(format!("cannot open /dev/kvm ({e}); is the kvm module loaded and are you allowed to use it?"))
+        })?;
+        let host_max = kvm.get_max_vcpus();
+        if self.vcpus > host_max {
+            return Err(Error::Config(format!("this host's KVM allows at most {host_max} vCPUs, asked for {}", self.vcpus)));
+        }
+        let vm_fd = kvm.create_vm().map_err(Error::kvm("CREATE_VM"))?;
+        let ram = GuestRam::new(self.memory)?;
+        ram.register(&vm_fd)?;
+        vm_fd.set_tss_address(KVM_TSS_ADDRESS).map_err(Error::kvm("SET_TSS_ADDR"))?;
+        vm_fd.create_irq_chip().map_err(Error::kvm("CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm_fd.create_pit2(pit).map_err(Error::kvm("CREATE_PIT2"))?;
+        if kvm.check_extension_raw(KVM_CAP_EXIT_ON_EMULATION_FAILURE.into()) > 0 {
+            let cap = kvm_enable_cap { cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE, args: [1, 0, 0, 0], ..Default::default() };
+            vm_fd.enable_cap(&cap).map_err(Error::kvm("ENABLE_CAP(EXIT_ON_EMULATION_FAILURE)"))?;
+        }
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("GET_SUPPORTED_CPUID"))?;
+        let vcpus = (0..self.vcpus)
+            .map(|i| Vcpu::new(&vm_fd, i, &cpuid::for_vcpu(&supported, i, self.vcpus)).map(Mutex::new))
+            .collect::<Result<Vec<_>>>()?;
+
+        let console = Console::new(self.tee.as_ref())?;
+        let mut io = IoBus::default();
+        let serial = Arc::new(Mutex::new(SerialPort::new(IrqLine::new()?, console.writer())));
+        vm_fd
+            .register_irqfd(lock(&serial).irq().eventfd(), COM1_IRQ)
+            .map_err(Error::kvm("IRQFD(COM1)"))?;
+        io.insert(COM1_PORT, 8, serial.clone())?;
+        console.attach_input(serial);
+        io.insert(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, Arc::new(Mutex::new(DebugExit)))?;
+
+        let count = vcpus.len();
+        let machine = Machine {
+            vcpus,
+            status: (0..count).map(|_| VcpuStatus::default()).collect(),
+            stats: (0..count).map(|_| Mutex::default()).collect(),
+            _vm_fd: vm_fd,
+            io,
+            console,
+            ram,
+            stop: AtomicBool::new(false),
+            run: Mutex::new(RunState { phase: Phase::Empty, end: None, alive: 0 }),
+            changed: Condvar::new(),
+        };
+        Ok(Vm { machine: Arc::new(machine), supervisor: Mutex::new(None) })
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    /// Nothing loaded yet.
+    Empty,
+    /// An image is loaded; not running.
+    Ready,
+    Running,
+    Ended(Outcome),
+}
+
+struct RunState {
+    phase: Phase,
+    /// The first request to end the current run.
+    end: Option<Outcome>,
+    /// vCPU threads of the current run that have not returned.
+    alive: usize,
+}
+
+/// Everything the VM's threads share. Field order is drop order: vCPUs and the VM fd close
+/// before guest RAM is unmapped.
+pub(crate) struct Machine {
+    vcpus: Vec<Mutex<Vcpu>>,
+    status: Vec<VcpuStatus>,
+    stats: Vec<Mutex<ExitStats>>,
+    _vm_fd: VmFd,
+    io: IoBus,
+    console: Console,
+    ram: GuestRam,
+    /// Tells vCPU loops to return; set with `run.end`.
+    stop: AtomicBool,
+    run: Mutex<RunState>,
+    changed: Condvar,
+}
+
+impl Machine {
+    /// Ends the current run with `outcome` unless something else already ended it.
+    fn request_end(&self, outcome: Outcome) {
+        let mut st = lock(&self.run);
+        if st.end.is_none() {
+            st.end = Some(outcome);
+        }
+        self.stop.store(true, Ordering::Release);
+        drop(st);
+        self.changed.notify_all();
+    }
+}
+
+/// A virtual machine. All methods take `&self`: a `Vm` can be shared between the thread that
+/// waits for it and threads that read its console or stop it.
+pub struct Vm {
+    machine: Arc<Machine>,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Vm {
+    pub fn builder() -> VmBuilder {
+        VmBuilder::new()
+    }
+
+    pub fn memory_size(&self) -> u64 {
+        self.machine.ram.size()
+    }
+
+    pub fn vcpu_count(&self) -> usize {
+        self.machine.vcpus.len()
+    }
+
+    pub fn console(&self) -> &Console {
+        &self.machine.console
+    }
+
+    /// Guest RAM, for loaders and devices outside this crate.
+    pub fn ram(&self) -> &GuestRam {
+        &self.machine.ram
+    }
+
+    /// Loads a flat binary at `address` and points vCPU 0 at it in `mode`.
+    pub fn load_flat(&self, code: &[u8], address: u64, mode: CpuMode) -> Result<EntryPoint> {
+        self.load_with(|ram| boot::load_flat(ram, code, address, mode))
+    }
+
+    /// Loads an ELF32/ELF64 executable from bytes; `name` appears in errors.
+    pub fn load_elf_bytes(&self, image: &[u8], name: &str) -> Result<EntryPoint> {
+        self.load_with(|ram| boot::load_elf(ram, image, name))
+    }
+
+    /// Loads an ELF32/ELF64 executable from a file.
+    pub fn load_elf(&self, path: &std::path::Path) -> Result<EntryPoint> {
+        let image = std::fs::read(path)
+            .map_err(|e| Error::Io { context: format!("cannot read {}", path.display()), source: e })?;
+        self.load_elf_bytes(&image, &path.display().to_string())
+    }
+
+    fn load_with(&self, load: impl FnOnce(&GuestRam) -> Result<EntryPoint>) -> Result<EntryPoint> {
+        let mut st = lock(&self.machine.run);
+        if matches!(st.phase, Phase::Running) {
+            return Err(Error::State("cannot load an image while the VM is running".into()));
+        }
+        let entry = load(&self.machine.ram)?;
+        lock(&self.machine.vcpus[0]).enter(&self.machine.ram, &entry)?;
+        st.phase = Phase::Ready;
+        Ok(entry)
+    }
+
+    /// Starts the vCPUs and returns at once. With `timeout`, the run ends with outcome
+    /// `timeout` once that much time has passed.
+    pub fn start(&self, timeout: Option<Duration>) -> Result<()> {
+        let mut supervisor = lock(&self.supervisor);
+        let mut st = lock(&self.machine.run);
+        match &st.phase {
+            Phase::Empty => return Err(Error::State("nothing to run: load an image first (load_flat or load_elf)".into())),
+            Phase::Running => return Err(Error::State("the VM is already running".into())),
+            Phase::Ended(o) if !o.reason.is_resumable() => {
+                return Err(Error::State(format!("the VM has ended ({o}); load a new image or create a new VM")));
+            }
+            Phase::Ready | Phase::Ended(_) => {}
+        }
+        if let Some(previous) = supervisor.take() {
+            // It already published its outcome; this only reaps the thread.
+            let _ = previous.join();
+        }
+        st.phase = Phase::Running;
+        st.end = None;
+        st.alive = self.machine.vcpus.len();
+        self.machine.stop.store(false, Ordering::Release);
+        self.machine.console.set_live(true, "running");
+        drop(st);
+        let machine = self.machine.clone();
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let spawned = std::thread::Builder::new()
+            .name("vmcore-supervisor".into())
+            .spawn(move || supervisor::supervise(machine, deadline));
+        match spawned {
+            Ok(handle) => {
+                *supervisor = Some(handle);
+                Ok(())
+            }
+            Err(e) => {
+                let outcome = Outcome::internal(format!("cannot start the supervisor thread: {e}"));
+                self.machine.console.set_live(false, &outcome.to_string());
+                lock(&self.machine.run).phase = Phase::Ended(outcome);
+                Err(Error::State(format!("cannot start the VM: {e}")))
+            }
+        }
+    }
+
+    /// Waits up to `timeout` (forever with `None`) for the run to end. Returns `None` if it is
+    /// still running then.
+    pub fn wait(&self, timeout: Option<Duration>) -> Result<Option<Outcome>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = lock(&self.machine.run);
+        loop {
+            match &st.phase {
+                Phase::Ended(o) => return Ok(Some(o.clone())),
+                Phase::Empty | Phase::Ready => return Err(Error::State("the VM has not been started".into())),
+                Phase::Running => {}
+            }
+            st = match deadline {
+                None => self.machine.changed.wait(st).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Ok(None);
+                    }
+                    self.machine.changed.wait_timeout(st, d - now).unwrap_or_else(|p| p.into_inner()).0
+                }
+            };
+        }
+    }
+
+    /// Runs until the guest ends the run or `timeout` passes (outcome `timeout`).
+    pub fn run(&self, timeout: Option<Duration>) -> Result<Outcome> {
+        self.start(timeout)?;
+        Ok(self.wait(None)?.expect("wait without a timeout returns an outcome"))
+    }
+
+    /// Ends a running VM with outcome `stopped` and waits for its threads. Returns the
+    /// outcome of the last run, or `None` if the VM never ran.
+    pub fn stop(&self) -> Result<Option<Outcome>> {
+        let running = matches!(lock(&self.machine.run).phase, Phase::Running);
+        if running {
+            self.machine.request_end(Outcome::new(ExitReason::Stopped));
+        }
+        match lock(&self.machine.run).phase.clone() {
+            Phase::Empty | Phase::Ready => return Ok(None),
+            Phase::Running | Phase::Ended(_) => {}
+        }
+        let outcome = self.wait(None)?;
+        if let Some(handle) = lock(&self.supervisor).take() {
+            let _ = handle.join();
+        }
+        Ok(outcome)
+    }
+
+    /// Whether a run is in progress.
+    pub fn is_running(&self) -> bool {
+        matches!(lock(&self.machine.run).phase, Phase::Running)
+    }
+
+    /// The outcome of the last run, if one has ended.
+    pub fn outcome(&self) -> Option<Outcome> {
+        match &lock(&self.machine.run).phase {
+            Phase::Ended(o) => Some(o.clone()),
+            _ => None,
+        }
+    }
+
+    fn vcpu(&self, index: usize) -> Result<std::sync::MutexGuard<'_, Vcpu>> {
+        let slot = self.machine.vcpus.get(index).ok_or_else(|| {
+            Error::Config(format!("no vCPU {index}: this VM has {}", self.machine.vcpus.len()))
+        })?;
+        slot.try_lock().map_err(|_| {
+            Error::State(format!("vCPU {index} is running; stop the VM (or wait for it to end) to use its registers"))
+        })
+    }
+
+    pub fn registers(&self, vcpu: usize) -> Result<RegisterFile> {
+        self.vcpu(vcpu)?.registers()
+    }
+
+    pub fn set_registers(&self, vcpu: usize, registers: &RegisterFile) -> Result<()> {
+        self.vcpu(vcpu)?.set_registers(registers)
+    }
+
+    /// Sets one register by name (see [`crate::cpu::REGISTER_NAMES`]).
+    pub fn set_register(&self, vcpu: usize, name: &str, value: u64) -> Result<()> {
+        let v = self.vcpu(vcpu)?;
+        let mut rf = v.registers()?;
+        rf.set(name, value)?;
+        v.set_registers(&rf)
+    }
+
+    pub fn read_phys(&self, address: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.machine.ram.read(address, &mut buf)?;
+        Ok(buf)
+    }
+
+    pub fn write_phys(&self, address: u64, data: &[u8]) -> Result<()> {
+        self.machine.ram.write(address, data)
+    }
+
+    /// Reads guest-virtual memory as vCPU `vcpu` currently sees it.
+    pub fn read_virt(&self, vcpu: usize, address: u64, len: usize) -> Result<Vec<u8>> {
+        let ctx = self.registers(vcpu)?.paging();
+        let mut buf = vec![0u8; len];
+        paging::read_virt(&self.machine.ram, &ctx, address, &mut buf)?;
+        Ok(buf)
+    }
+
+    pub fn write_virt(&self, vcpu: usize, address: u64, data: &[u8]) -> Result<()> {
+        let ctx = self.registers(vcpu)?.paging();
+        paging::write_virt(&self.machine.ram, &ctx, address, data)
+    }
+
+    /// Translates a guest-virtual address as vCPU `vcpu` currently sees it.
+    pub fn translate(&self, vcpu: usize, address: u64) -> Result<u64> {
+        let ctx = self.registers(vcpu)?.paging();
+        paging::translate(&self.machine.ram, &ctx, address)
+    }
+
+    /// Exit counters of every vCPU, merged.
+    pub fn stats(&self) -> ExitStats {
+        let mut all = ExitStats::default();
+        for s in &self.machine.stats {
+            all.merge(&lock(s));
+        }
+        all
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Stopping joins every thread of this VM, so dropping it leaks none.
+        let _ = self.stop();
+    }
+}

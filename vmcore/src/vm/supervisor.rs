@@ -1,0 +1,148 @@
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::signal::Killable;
+
+use super::{Machine, Phase};
+use crate::cpu::{kick, VcpuEnv};
+use crate::devices::lock;
+use crate::outcome::{ExitReason, Outcome};
+
+const FIRST_SLICE: Duration = Duration::from_millis(1);
+const LONGEST_SLICE: Duration = Duration::from_millis(50);
+/// How often vCPU threads are kicked again while a run is ending (belt and braces: the first
+/// kick already sets `immediate_exit`).
+const REKICK: Duration = Duration::from_millis(10);
+
+/// Runs one run of the VM from start to published outcome.
+pub(super) fn supervise(machine: Arc<Machine>, deadline: Option<Instant>) {
+    let vcpus = spawn_vcpus(&machine);
+    let mut slice = FIRST_SLICE;
+    let mut probe_generation = machine.status.iter().map(|s| s.probe_request.load(Ordering::Relaxed)).max().unwrap_or(0);
+    let mut parked_rounds = 0;
+    let mut kicked_to_end = false;
+    loop {
+        let st = lock(&machine.run);
+        // Wake when the run must end (once: after kicking, only when the threads are gone or
+        // the re-kick interval has passed), or when the slice is up.
+        let (st, _) = machine
+            .changed
+            .wait_timeout_while(st, slice, |s| s.alive > 0 && (kicked_to_end || s.end.is_none()))
+            .unwrap_or_else(|p| p.into_inner());
+        if st.alive == 0 {
+            break;
+        }
+        let ending = st.end.is_some();
+        drop(st);
+        if ending {
+            kick_all(&vcpus);
+            kicked_to_end = true;
+            slice = REKICK;
+            continue;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            machine.request_end(Outcome::new(ExitReason::Timeout));
+            continue;
+        }
+        // Halt detection: every vCPU answered the last probe with "parked", twice running, so
+        // a vCPU woken between two answers is not mistaken for a parked one.
+        let answered_parked = machine.status.iter().all(|s| {
+            s.probe_answer.load(Ordering::Acquire) == probe_generation && s.parked.load(Ordering::Acquire)
+        });
+        parked_rounds = if answered_parked { parked_rounds + 1 } else { 0 };
+        if parked_rounds >= 2 {
+            machine.request_end(
+                Outcome::new(ExitReason::Halted).with_detail("every vCPU is halted with interrupts disabled"),
+            );
+            continue;
+        }
+        probe_generation += 1;
+        for status in &machine.status {
+            status.probe_request.store(probe_generation, Ordering::Release);
+        }
+        kick_all(&vcpus);
+        slice = if parked_rounds > 0 { FIRST_SLICE } else { (slice * 2).min(LONGEST_SLICE) };
+    }
+    let mut panic = None;
+    for handle in vcpus.into_iter().flatten() {
+        if let Err(payload) = handle.join() {
+            panic = Some(panic_message(&payload));
+        }
+    }
+    let mut st = lock(&machine.run);
+    let outcome = match (st.end.take(), panic) {
+        (_, Some(msg)) => Outcome::internal(format!("a vCPU thread panicked: {msg}")),
+        (Some(o), None) => o,
+        (None, None) => Outcome::internal("the vCPU threads ended without a reason"),
+    };
+    machine.console.set_live(false, &outcome.to_string());
+    st.phase = Phase::Ended(outcome);
+    drop(st);
+    machine.changed.notify_all();
+}
+
+fn spawn_vcpus(machine: &Arc<Machine>) -> Vec<Option<JoinHandle<()>>> {
+    (0..machine.vcpus.len())
+        .map(|index| {
+            let m = machine.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vmcore-vcpu{index}"))
+                .spawn(move || vcpu_thread(&m, index));
+            match spawned {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    machine.request_end(Outcome::internal(format!("cannot start vCPU thread {index}: {e}")));
+                    lock(&machine.run).alive -= 1;
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+fn kick_all(vcpus: &[Option<JoinHandle<()>>]) {
+    for handle in vcpus.iter().flatten() {
+        if !handle.is_finished() {
+            // ESRCH only means the thread is already on its way out.
+            let _ = handle.kill(kick::kick_signal());
+        }
+    }
+}
+
+/// Counts the thread out on every path, panics included.
+struct Alive<'a>(&'a Machine, usize);
+
+impl Drop for Alive<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.request_end(Outcome::internal(format!("vCPU {} panicked", self.1)));
+        }
+        lock(&self.0.run).alive -= 1;
+        self.0.changed.notify_all();
+    }
+}
+
+fn vcpu_thread(machine: &Machine, index: usize) {
+    let _alive = Alive(machine, index);
+    let mut vcpu = lock(&machine.vcpus[index]);
+    let env = VcpuEnv {
+        ram: &machine.ram,
+        io: &machine.io,
+        stop: &machine.stop,
+        status: &machine.status[index],
+        stats: &machine.stats[index],
+    };
+    if let Some(outcome) = vcpu.run(&env) {
+        machine.request_end(outcome);
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
