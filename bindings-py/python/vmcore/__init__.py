@@ -1,0 +1,52 @@
+"""vmcore: a hypervisor as a library.
+
+Boot a small guest or a kernel on KVM, watch its console, read its registers and memory::
+
+    import vmcore
+
+    with vmcore.Vm(memory="64M") as vm:
+        vm.load_elf("kernel.elf")
+        outcome = vm.run(timeout=5)
+        assert outcome.reason == "halted"
+        vm.console.expect(r"hello")
+"""
+
+from ._errors import (
+    ConfigError,
+    ConsoleClosed,
+    ConsoleTimeout,
+    ExpectError,
+    GuestMemoryError,
+    KvmError,
+    KvmUnavailableError,
+    LoadError,
+    VmError,
+    VmIOError,
+    VmStateError,
+)
+from ._native import __version__, parse_memory_size
+from ._vm import REGISTER_NAMES, Console, ConsoleMatch, Mode, Outcome, Registers, Vcpu, Vm
+
+__all__ = [
+    "Vm",
+    "Vcpu",
+    "Registers",
+    "Console",
+    "ConsoleMatch",
+    "Outcome",
+    "Mode",
+    "REGISTER_NAMES",
+    "parse_memory_size",
+    "VmError",
+    "KvmUnavailableError",
+    "KvmError",
+    "ConfigError",
+    "LoadError",
+    "GuestMemoryError",
+    "VmStateError",
+    "ExpectError",
+    "ConsoleTimeout",
+    "ConsoleClosed",
+    "VmIOError",
+    "__version__",
+]

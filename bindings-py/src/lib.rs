@@ -1,0 +1,306 @@
+//! `vmcore._native`: the thin native layer under the `vmcore` Python package.
+//!
+//! It translates and nothing more: arguments become core calls, core results become plain
+//! Python data (dicts, tuples, bytes), core errors become the exception classes defined in
+//! `vmcore/_errors.py`. Blocking calls release the GIL and wake every 100 ms to honour Ctrl-C.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use vmcore::console::Tee;
+use vmcore::memory::parse_size;
+use vmcore::{CpuMode, Error, Outcome, Vm, VmBuilder};
+
+const POLL: Duration = Duration::from_millis(100);
+
+/// Raises the `vmcore` exception class that matches a core error.
+fn to_py(py: Python<'_>, err: Error) -> PyErr {
+    let class = match &err {
+        Error::KvmUnavailable(_) => "KvmUnavailableError",
+        Error::Kvm { .. } => "KvmError",
+        Error::Config(_) | Error::Pattern { .. } => "ConfigError",
+        Error::Load { .. } => "LoadError",
+        Error::Memory(_) => "GuestMemoryError",
+        Error::State(_) => "VmStateError",
+        Error::ConsoleTimeout { .. } => "ConsoleTimeout",
+        Error::ConsoleEnded { .. } => "ConsoleClosed",
+        Error::Io { .. } => "VmIOError",
+        Error::Interrupted => "VmError",
+    };
+    let message = err.to_string();
+    match py.import("vmcore._errors").and_then(|m| m.getattr(class)) {
+        Ok(cls) => match cls.call1((message.clone(),)) {
+            Ok(instance) => PyErr::from_value(instance),
+            Err(e) => e,
+        },
+        Err(_) => PyRuntimeError::new_err(message),
+    }
+}
+
+trait IntoPy<T> {
+    fn py_err(self, py: Python<'_>) -> PyResult<T>;
+}
+
+impl<T> IntoPy<T> for vmcore::Result<T> {
+    fn py_err(self, py: Python<'_>) -> PyResult<T> {
+        self.map_err(|e| to_py(py, e))
+    }
+}
+
+fn seconds(value: Option<f64>, what: &str) -> PyResult<Option<Duration>> {
+    value
+        .map(|s| {
+            Duration::try_from_secs_f64(s)
+                .map_err(|_| PyValueError::new_err(format!("{what} must be a non-negative number of seconds, got {s}")))
+        })
+        .transpose()
+}
+
+fn outcome_dict<'py>(py: Python<'py>, o: &Outcome) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("reason", o.reason.as_str())?;
+    d.set_item("code", o.code)?;
+    d.set_item("vcpu", o.vcpu)?;
+    d.set_item("rip", o.rip)?;
+    d.set_item("instruction", PyBytes::new(py, &o.instruction))?;
+    d.set_item("detail", &o.detail)?;
+    d.set_item("summary", o.to_string())?;
+    Ok(d)
+}
+
+/// The native VM handle. Use `vmcore.Vm`, which wraps it.
+#[pyclass(module = "vmcore._native", frozen)]
+struct NativeVm {
+    vm: Mutex<Option<Arc<Vm>>>,
+}
+
+impl NativeVm {
+    fn get(&self) -> PyResult<Arc<Vm>> {
+        self.vm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| Python::attach(|py| to_py(py, Error::State("the VM is closed".into()))))
+    }
+
+    /// Runs `wait` in slices with the GIL released, checking for Ctrl-C between slices. On a
+    /// signal the VM is stopped before the exception propagates.
+    fn wait_interruptibly(py: Python<'_>, vm: &Arc<Vm>, timeout: Option<Duration>) -> PyResult<Option<Outcome>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let slice = deadline.map_or(POLL, |d| d.saturating_duration_since(Instant::now()).min(POLL));
+            let vm2 = vm.clone();
+            if let Some(outcome) = py.detach(move || vm2.wait(Some(slice))).py_err(py)? {
+                return Ok(Some(outcome));
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+            if let Err(e) = py.check_signals() {
+                let vm2 = vm.clone();
+                let _ = py.detach(move || vm2.stop());
+                return Err(e);
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl NativeVm {
+    #[new]
+    #[pyo3(signature = (memory, vcpus, tee=None))]
+    fn new(py: Python<'_>, memory: &Bound<'_, PyAny>, vcpus: usize, tee: Option<PathBuf>) -> PyResult<Self> {
+        let bytes = if let Ok(n) = memory.extract::<u64>() {
+            n
+        } else if let Ok(text) = memory.extract::<String>() {
+            parse_size(&text).py_err(py)?
+        } else {
+            return Err(to_py(py, Error::Config(format!("memory must be an int (bytes) or a size like \"64M\", got {memory}"))));
+        };
+        let tee = tee.map(|p| Tee::parse(&p.to_string_lossy()));
+        let builder = VmBuilder::new().memory(bytes).vcpus(vcpus).tee(tee);
+        let vm = py.detach(move || builder.build()).py_err(py)?;
+        Ok(NativeVm { vm: Mutex::new(Some(Arc::new(vm))) })
+    }
+
+    #[getter]
+    fn memory_size(&self) -> PyResult<u64> {
+        Ok(self.get()?.memory_size())
+    }
+
+    #[getter]
+    fn vcpu_count(&self) -> PyResult<usize> {
+        Ok(self.get()?.vcpu_count())
+    }
+
+    #[getter]
+    fn is_running(&self) -> PyResult<bool> {
+        Ok(self.get()?.is_running())
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
+    fn outcome<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        self.get()?.outcome().map(|o| outcome_dict(py, &o)).transpose()
+    }
+
+    /// Returns (mode, entry address).
+    fn load_flat(&self, py: Python<'_>, code: &[u8], address: u64, mode: &str) -> PyResult<(String, u64)> {
+        let mode: CpuMode = mode.parse().py_err(py)?;
+        let entry = self.get()?.load_flat(code, address, mode).py_err(py)?;
+        Ok((entry.mode.to_string(), entry.address))
+    }
+
+    /// Returns (mode, entry address).
+    fn load_elf(&self, py: Python<'_>, path: PathBuf) -> PyResult<(String, u64)> {
+        let entry = self.get()?.load_elf(&path).py_err(py)?;
+        Ok((entry.mode.to_string(), entry.address))
+    }
+
+    #[pyo3(signature = (timeout=None))]
+    fn start(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        let timeout = seconds(timeout, "timeout")?;
+        self.get()?.start(timeout).py_err(py)
+    }
+
+    #[pyo3(signature = (timeout=None))]
+    fn wait<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let timeout = seconds(timeout, "timeout")?;
+        let vm = self.get()?;
+        Self::wait_interruptibly(py, &vm, timeout)?.map(|o| outcome_dict(py, &o)).transpose()
+    }
+
+    #[pyo3(signature = (timeout=None))]
+    fn run<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyDict>> {
+        let timeout = seconds(timeout, "timeout")?;
+        let vm = self.get()?;
+        vm.start(timeout).py_err(py)?;
+        let outcome = Self::wait_interruptibly(py, &vm, None)?.expect("an unbounded wait returns an outcome");
+        outcome_dict(py, &outcome)
+    }
+
+    fn stop<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let vm = self.get()?;
+        let outcome = py.detach(move || vm.stop()).py_err(py)?;
+        outcome.map(|o| outcome_dict(py, &o)).transpose()
+    }
+
+    /// Stops the VM and frees everything it holds (threads, file descriptors, guest RAM).
+    fn close(&self, py: Python<'_>) {
+        let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(vm) = vm {
+            // Dropping the last reference stops and joins the VM's threads.
+            py.detach(move || drop(vm));
+        }
+    }
+
+    fn console_output(&self) -> PyResult<String> {
+        Ok(self.get()?.console().output())
+    }
+
+    fn console_output_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, &self.get()?.console().output_bytes()))
+    }
+
+    fn console_tail(&self) -> PyResult<String> {
+        Ok(self.get()?.console().tail())
+    }
+
+    /// Returns (text, start, end, groups, names).
+    #[allow(clippy::type_complexity)]
+    fn console_expect(
+        &self,
+        py: Python<'_>,
+        pattern: String,
+        timeout: f64,
+    ) -> PyResult<(String, usize, usize, Vec<Option<String>>, Vec<Option<String>>)> {
+        let timeout = seconds(Some(timeout), "timeout")?.expect("given");
+        let vm = self.get()?;
+        let mut interrupt: Option<PyErr> = None;
+        let result = py.detach(|| {
+            vm.console().expect_while(&pattern, timeout, || {
+                Python::attach(|py| match py.check_signals() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        interrupt = Some(e);
+                        false
+                    }
+                })
+            })
+        });
+        match result {
+            Ok(m) => Ok((m.text, m.start, m.end, m.groups, m.names)),
+            Err(Error::Interrupted) => Err(interrupt.unwrap_or_else(|| to_py(py, Error::Interrupted))),
+            Err(e) => Err(to_py(py, e)),
+        }
+    }
+
+    fn console_send(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        self.get()?.console().send(data).py_err(py)
+    }
+
+    fn registers(&self, py: Python<'_>, vcpu: usize) -> PyResult<Vec<(&'static str, u64)>> {
+        Ok(self.get()?.registers(vcpu).py_err(py)?.to_pairs())
+    }
+
+    fn set_register(&self, py: Python<'_>, vcpu: usize, name: &str, value: u64) -> PyResult<()> {
+        self.get()?.set_register(vcpu, name, value).py_err(py)
+    }
+
+    fn read_phys<'py>(&self, py: Python<'py>, address: u64, length: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let data = self.get()?.read_phys(address, length).py_err(py)?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    fn write_phys(&self, py: Python<'_>, address: u64, data: &[u8]) -> PyResult<()> {
+        self.get()?.write_phys(address, data).py_err(py)
+    }
+
+    fn read_virt<'py>(&self, py: Python<'py>, vcpu: usize, address: u64, length: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let data = self.get()?.read_virt(vcpu, address, length).py_err(py)?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    fn write_virt(&self, py: Python<'_>, vcpu: usize, address: u64, data: &[u8]) -> PyResult<()> {
+        self.get()?.write_virt(vcpu, address, data).py_err(py)
+    }
+
+    fn translate(&self, py: Python<'_>, vcpu: usize, address: u64) -> PyResult<u64> {
+        self.get()?.translate(vcpu, address).py_err(py)
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.get()?.stats();
+        let d = PyDict::new(py);
+        d.set_item("exits", s.exits.clone())?;
+        d.set_item("exits_total", s.total_exits())?;
+        d.set_item("unhandled_port_reads", s.unhandled_port_reads.clone())?;
+        d.set_item("unhandled_port_writes", s.unhandled_port_writes.clone())?;
+        d.set_item("unhandled_mmio_reads", s.unhandled_mmio_reads.clone())?;
+        d.set_item("unhandled_mmio_writes", s.unhandled_mmio_writes.clone())?;
+        Ok(d)
+    }
+}
+
+/// Parses "64M"-style sizes exactly as `Vm(memory=...)` does.
+#[pyfunction]
+fn parse_memory_size(py: Python<'_>, text: &str) -> PyResult<u64> {
+    parse_size(text).py_err(py)
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<NativeVm>()?;
+    m.add_function(wrap_pyfunction!(parse_memory_size, m)?)?;
+    m.add("REGISTER_NAMES", vmcore::cpu::REGISTER_NAMES.to_vec())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
