@@ -1,0 +1,20 @@
+# ports.bin - 64-bit long mode: touch ports no device claims, report what a read gave.
+# Writes port 0x80 three times and reads port 0x71 twice; vmcore must drop the writes, answer
+# the reads with all-ones and count both per port.
+        .include "guest.inc"
+        GUEST_START 64
+        mov     $0x42, %al
+        out     %al, $0x80
+        out     %al, $0x80
+        out     %al, $0x80
+        in      $0x71, %al
+        in      $0x71, %al
+        cmp     $0xff, %al
+        jne     1f
+        PUTS    all_ones
+        HALT_FOREVER
+1:      PUTS    not_all_ones
+        HALT_FOREVER
+        SERIAL_PUTS_FN
+        STRING  all_ones, "unhandled read gave ff\n"
+        STRING  not_all_ones, "unhandled read gave something else\n"
