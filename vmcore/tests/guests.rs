@@ -1,0 +1,170 @@
+//! Boots the test guests in tests/guests on KVM through the core API.
+//! Where /dev/kvm is absent every test here returns early, saying so on stderr.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use vmcore::{CpuMode, Error, ExitReason, Vm, VmBuilder};
+
+fn guest(name: &str) -> Vec<u8> {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status = std::process::Command::new("make")
+            .args(["-s", "-C"])
+            .arg(root.join("tests/guests"))
+            .status()
+            .expect("make runs");
+        assert!(status.success(), "building the test guests failed");
+        root.join("target/guests")
+    });
+    std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("guest {name}: {e}"))
+}
+
+fn kvm() -> bool {
+    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    if !ok {
+        eprintln!("SKIPPED: /dev/kvm is absent or not accessible; vmcore needs KVM to run guests");
+    }
+    ok
+}
+
+fn small_vm() -> Vm {
+    VmBuilder::new().memory(32 << 20).build().expect("a VM")
+}
+
+const FIVE_SECONDS: Option<Duration> = Some(Duration::from_secs(5));
+
+#[test]
+fn every_entry_mode_prints_and_halts() {
+    if !kvm() {
+        return;
+    }
+    for (image, address, mode, text) in [
+        ("hello-real.bin", 0x10000, CpuMode::Real, "hello from real mode\n"),
+        ("hello-prot.bin", 0x100000, CpuMode::Protected, "hello from protected mode\n"),
+        ("hello-long.bin", 0x100000, CpuMode::Long, "hello from long mode\n"),
+    ] {
+        let vm = small_vm();
+        vm.load_flat(&guest(image), address, mode).unwrap();
+        let outcome = vm.run(FIVE_SECONDS).unwrap();
+        assert_eq!(outcome.reason, ExitReason::Halted, "{image}: {outcome}");
+        assert_eq!(vm.console().output(), text);
+    }
+}
+
+#[test]
+fn elf_classes_pick_their_mode() {
+    if !kvm() {
+        return;
+    }
+    for (image, mode, text) in [
+        ("hello-prot.elf", CpuMode::Protected, "hello from elf32\n"),
+        ("hello-long.elf", CpuMode::Long, "hello from elf64\n"),
+    ] {
+        let vm = small_vm();
+        let entry = vm.load_elf_bytes(&guest(image), image).unwrap();
+        assert_eq!((entry.mode, entry.address), (mode, 0x100000));
+        assert_eq!(vm.run(FIVE_SECONDS).unwrap().reason, ExitReason::Halted);
+        assert_eq!(vm.console().output(), text);
+    }
+}
+
+#[test]
+fn outcomes_for_debug_exit_triple_fault_and_timeout() {
+    if !kvm() {
+        return;
+    }
+    let vm = small_vm();
+    vm.load_flat(&guest("debug-exit.bin"), 0x100000, CpuMode::Long).unwrap();
+    let o = vm.run(FIVE_SECONDS).unwrap();
+    assert_eq!((o.reason, o.code, o.vcpu), (ExitReason::DebugExit, Some(0x31), Some(0)));
+
+    let vm = small_vm();
+    vm.load_flat(&guest("triple-fault.bin"), 0x100000, CpuMode::Long).unwrap();
+    assert_eq!(vm.run(FIVE_SECONDS).unwrap().reason, ExitReason::Shutdown);
+
+    let vm = small_vm();
+    vm.load_flat(&guest("spin.bin"), 0x100000, CpuMode::Long).unwrap();
+    let t0 = Instant::now();
+    assert_eq!(vm.run(Some(Duration::from_millis(300))).unwrap().reason, ExitReason::Timeout);
+    assert!(t0.elapsed() < Duration::from_millis(1300), "took {:?}", t0.elapsed());
+}
+
+#[test]
+fn stop_from_another_thread_ends_a_spinning_guest() {
+    if !kvm() {
+        return;
+    }
+    let vm = Arc::new(small_vm());
+    vm.load_flat(&guest("spin.bin"), 0x100000, CpuMode::Long).unwrap();
+    vm.start(None).unwrap();
+    vm.console().expect("spinning", Duration::from_secs(5)).unwrap();
+    let stopper = {
+        let vm = vm.clone();
+        std::thread::spawn(move || vm.stop().unwrap())
+    };
+    assert_eq!(vm.wait(Some(Duration::from_secs(5))).unwrap().unwrap().reason, ExitReason::Stopped);
+    assert_eq!(stopper.join().unwrap().unwrap().reason, ExitReason::Stopped);
+    assert!(matches!(vm.start(None), Ok(())), "a stopped VM resumes");
+    assert_eq!(vm.stop().unwrap().unwrap().reason, ExitReason::Stopped);
+}
+
+#[test]
+fn console_input_is_echoed_back() {
+    if !kvm() {
+        return;
+    }
+    let vm = small_vm();
+    vm.load_flat(&guest("echo.bin"), 0x100000, CpuMode::Long).unwrap();
+    vm.start(Some(Duration::from_secs(20))).unwrap();
+    vm.console().expect("ready\n", Duration::from_secs(5)).unwrap();
+    vm.console().send(b"abc\n").unwrap();
+    vm.console().expect("abc\n", Duration::from_secs(5)).unwrap();
+    assert_eq!(vm.stop().unwrap().unwrap().reason, ExitReason::Stopped);
+}
+
+#[test]
+fn parked_application_processors_do_not_keep_a_halted_vm_alive() {
+    if !kvm() {
+        return;
+    }
+    let vm = VmBuilder::new().vcpus(3).build().unwrap();
+    vm.load_flat(&guest("hello-long.bin"), 0x100000, CpuMode::Long).unwrap();
+    assert_eq!(vm.run(FIVE_SECONDS).unwrap().reason, ExitReason::Halted);
+}
+
+#[test]
+fn registers_and_memory_of_a_stopped_vm() {
+    if !kvm() {
+        return;
+    }
+    let vm = small_vm();
+    vm.load_flat(&guest("hello-long.bin"), 0x100000, CpuMode::Long).unwrap();
+    let rf = vm.registers(0).unwrap();
+    assert_eq!((rf.get("rip").unwrap(), rf.get("cr3").unwrap()), (0x100000, 0x1000));
+    vm.run(FIVE_SECONDS).unwrap();
+    vm.set_register(0, "rbx", 42).unwrap();
+    assert_eq!(vm.registers(0).unwrap().regs.rbx, 42);
+    assert_eq!(vm.read_virt(0, 0x100000, 4).unwrap(), vm.read_phys(0x100000, 4).unwrap());
+    assert!(matches!(vm.registers(9), Err(Error::Config(_))));
+}
+
+#[test]
+fn malformed_elf_images_are_refused_with_reasons() {
+    if !kvm() {
+        return;
+    }
+    let vm = small_vm();
+    let elf = guest("hello-long.elf");
+    let err = vm.load_elf_bytes(&elf[..200], "cut.elf").unwrap_err().to_string();
+    assert!(err.contains("cut.elf") && (err.contains("truncated") || err.contains("malformed")), "{err}");
+    let err = vm.load_elf_bytes(b"#!/bin/sh\necho hi\n", "script").unwrap_err().to_string();
+    assert!(err.contains("not an ELF file"), "{err}");
+    let mut wrong_machine = elf.clone();
+    wrong_machine[18] = 183; // EM_AARCH64
+    let err = vm.load_elf_bytes(&wrong_machine, "arm.elf").unwrap_err().to_string();
+    assert!(err.contains("not x86"), "{err}");
+    assert!(matches!(vm.run(FIVE_SECONDS), Err(Error::State(_))), "nothing was loaded");
+}
