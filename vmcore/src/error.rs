@@ -32,6 +32,9 @@ pub enum Error {
     /// `Console::expect` cannot match because the VM has ended.
     #[error("no match for {pattern:?}: the VM ended ({outcome}); console tail:\n{tail}")]
     ConsoleEnded { pattern: String, outcome: String, tail: String },
+    /// A wait was abandoned because the caller asked (for example, Ctrl-C in Python).
+    #[error("interrupted")]
+    Interrupted,
     /// A regular expression did not compile.
     #[error("invalid pattern {pattern:?}: {reason}")]
     Pattern { pattern: String, reason: String },

@@ -184,6 +184,13 @@ impl Console {
     /// Waits up to `timeout` for `pattern` (Rust `regex` syntax) in the output after the previous
     /// match, and consumes the output up to the end of this one.
     pub fn expect(&self, pattern: &str, timeout: Duration) -> Result<Match> {
+        self.expect_while(pattern, timeout, || true)
+    }
+
+    /// [`Console::expect`], asking `keep_waiting` about every 100 ms whether to go on; when it
+    /// says no, returns [`Error::Interrupted`]. Bindings use it to honour Ctrl-C.
+    pub fn expect_while(&self, pattern: &str, timeout: Duration, mut keep_waiting: impl FnMut() -> bool) -> Result<Match> {
+        const POLL: Duration = Duration::from_millis(100);
         let re = Regex::new(pattern)
             .map_err(|e| Error::Pattern { pattern: pattern.into(), reason: e.to_string() })?;
         let start = Instant::now();
@@ -226,10 +233,13 @@ impl Console {
                     tail: tail_of(&st.bytes),
                 });
             }
+            if !keep_waiting() {
+                return Err(Error::Interrupted);
+            }
             st = self
                 .shared
                 .grew
-                .wait_timeout(st, deadline - now)
+                .wait_timeout(st, (deadline - now).min(POLL))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
@@ -296,6 +306,9 @@ mod tests {
         assert!(matches!(err, Error::ConsoleEnded { .. }));
         assert!(err.to_string().contains("halted"), "{err}");
         assert!(matches!(c.expect("(", Duration::ZERO), Err(Error::Pattern { .. })));
+        c.set_live(true, "running");
+        let err = c.expect_while("never", Duration::from_secs(60), || false).unwrap_err();
+        assert!(matches!(err, Error::Interrupted));
     }
 
     #[test]

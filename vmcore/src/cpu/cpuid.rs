@@ -1,6 +1,22 @@
 //! The CPUID table each vCPU gets: what KVM supports, with the per-vCPU APIC IDs filled in.
 
-use kvm_bindings::CpuId;
+use std::sync::OnceLock;
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Kvm;
+
+use crate::{Error, Result};
+
+/// What KVM can offer guests. It cannot change while the process lives, and asking costs
+/// about as much as creating the rest of a small VM, so it is asked once.
+pub fn supported(kvm: &Kvm) -> Result<&'static CpuId> {
+    static SUPPORTED: OnceLock<CpuId> = OnceLock::new();
+    if let Some(table) = SUPPORTED.get() {
+        return Ok(table);
+    }
+    let table = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("GET_SUPPORTED_CPUID"))?;
+    Ok(SUPPORTED.get_or_init(|| table))
+}
 
 /// Adjusts KVM's supported table for vCPU `index` of `count`.
 pub fn for_vcpu(supported: &CpuId, index: usize, count: usize) -> CpuId {

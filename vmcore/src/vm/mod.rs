@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_enable_cap, kvm_pit_config, KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_enable_cap, kvm_pit_config, KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::boot::{self, CpuMode, EntryPoint};
@@ -89,9 +89,9 @@ impl VmBuilder {
             let cap = kvm_enable_cap { cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE, args: [1, 0, 0, 0], ..Default::default() };
             vm_fd.enable_cap(&cap).map_err(Error::kvm("ENABLE_CAP(EXIT_ON_EMULATION_FAILURE)"))?;
         }
-        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("GET_SUPPORTED_CPUID"))?;
+        let supported = cpuid::supported(&kvm)?;
         let vcpus = (0..self.vcpus)
-            .map(|i| Vcpu::new(&vm_fd, i, &cpuid::for_vcpu(&supported, i, self.vcpus)).map(Mutex::new))
+            .map(|i| Vcpu::new(&vm_fd, i, &cpuid::for_vcpu(supported, i, self.vcpus)).map(Mutex::new))
             .collect::<Result<Vec<_>>>()?;
 
         let console = Console::new(self.tee.as_ref())?;
@@ -156,6 +156,21 @@ pub(crate) struct Machine {
 }
 
 impl Machine {
+    /// Counts a vCPU thread of the current run out (or one that never started). The last one
+    /// publishes the outcome at once, so a waiter does not also wait for the supervisor to
+    /// notice and reap the threads.
+    fn vcpu_thread_done(&self) {
+        let mut st = lock(&self.run);
+        st.alive -= 1;
+        if st.alive == 0 {
+            let outcome = st.end.take().unwrap_or_else(|| Outcome::internal("the vCPU threads ended without a reason"));
+            self.console.set_live(false, &outcome.to_string());
+            st.phase = Phase::Ended(outcome);
+        }
+        drop(st);
+        self.changed.notify_all();
+    }
+
     /// Ends the current run with `outcome` unless something else already ended it.
     fn request_end(&self, outcome: Outcome) {
         let mut st = lock(&self.run);

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::signal::Killable;
 
-use super::{Machine, Phase};
+use super::Machine;
 use crate::cpu::{kick, VcpuEnv};
 use crate::devices::lock;
 use crate::outcome::{ExitReason, Outcome};
@@ -65,22 +65,11 @@ pub(super) fn supervise(machine: Arc<Machine>, deadline: Option<Instant>) {
         kick_all(&vcpus);
         slice = if parked_rounds > 0 { FIRST_SLICE } else { (slice * 2).min(LONGEST_SLICE) };
     }
-    let mut panic = None;
+    // The last vCPU thread out has published the outcome (a panic included, through `Alive`);
+    // what is left is to reap the threads.
     for handle in vcpus.into_iter().flatten() {
-        if let Err(payload) = handle.join() {
-            panic = Some(panic_message(&payload));
-        }
+        let _ = handle.join();
     }
-    let mut st = lock(&machine.run);
-    let outcome = match (st.end.take(), panic) {
-        (_, Some(msg)) => Outcome::internal(format!("a vCPU thread panicked: {msg}")),
-        (Some(o), None) => o,
-        (None, None) => Outcome::internal("the vCPU threads ended without a reason"),
-    };
-    machine.console.set_live(false, &outcome.to_string());
-    st.phase = Phase::Ended(outcome);
-    drop(st);
-    machine.changed.notify_all();
 }
 
 fn spawn_vcpus(machine: &Arc<Machine>) -> Vec<Option<JoinHandle<()>>> {
@@ -94,7 +83,7 @@ fn spawn_vcpus(machine: &Arc<Machine>) -> Vec<Option<JoinHandle<()>>> {
                 Ok(handle) => Some(handle),
                 Err(e) => {
                     machine.request_end(Outcome::internal(format!("cannot start vCPU thread {index}: {e}")));
-                    lock(&machine.run).alive -= 1;
+                    machine.vcpu_thread_done();
                     None
                 }
             }
@@ -119,8 +108,7 @@ impl Drop for Alive<'_> {
         if std::thread::panicking() {
             self.0.request_end(Outcome::internal(format!("vCPU {} panicked", self.1)));
         }
-        lock(&self.0.run).alive -= 1;
-        self.0.changed.notify_all();
+        self.0.vcpu_thread_done();
     }
 }
 
@@ -137,12 +125,4 @@ fn vcpu_thread(machine: &Machine, index: usize) {
     if let Some(outcome) = vcpu.run(&env) {
         machine.request_end(outcome);
     }
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
