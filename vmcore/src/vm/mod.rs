@@ -263,20 +263,27 @@ impl Vm {
         self.machine.stop.store(false, Ordering::Release);
         self.machine.console.set_live(true, "running");
         drop(st);
-        let machine = self.machine.clone();
         let deadline = timeout.map(|t| Instant::now() + t);
-        let spawned = std::thread::Builder::new()
-            .name("vmcore-supervisor".into())
-            .spawn(move || supervisor::supervise(machine, deadline));
+        // The vCPU threads start before the supervisor, so the guest does not wait for two
+        // thread start-ups in a row; the supervisor gets their handles through a channel, and
+        // if it cannot start, the handles are still here to stop and reap the threads.
+        let vcpus = supervisor::spawn_vcpus(&self.machine);
+        let (handles_tx, handles_rx) = std::sync::mpsc::sync_channel(1);
+        let machine = self.machine.clone();
+        let spawned = std::thread::Builder::new().name("vmcore-supervisor".into()).spawn(move || {
+            if let Ok(vcpus) = handles_rx.recv() {
+                supervisor::supervise(machine, vcpus, deadline);
+            }
+        });
         match spawned {
             Ok(handle) => {
                 *supervisor = Some(handle);
+                handles_tx.send(vcpus).expect("the supervisor waits for the vCPU handles");
                 Ok(())
             }
             Err(e) => {
-                let outcome = Outcome::internal(format!("cannot start the supervisor thread: {e}"));
-                self.machine.console.set_live(false, &outcome.to_string());
-                lock(&self.machine.run).phase = Phase::Ended(outcome);
+                self.machine.request_end(Outcome::internal(format!("cannot start the supervisor thread: {e}")));
+                supervisor::stop_and_reap(vcpus);
                 Err(Error::State(format!("cannot start the VM: {e}")))
             }
         }

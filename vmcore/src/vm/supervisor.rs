@@ -17,8 +17,7 @@ const LONGEST_SLICE: Duration = Duration::from_millis(50);
 const REKICK: Duration = Duration::from_millis(10);
 
 /// Runs one run of the VM from start to published outcome.
-pub(super) fn supervise(machine: Arc<Machine>, deadline: Option<Instant>) {
-    let vcpus = spawn_vcpus(&machine);
+pub(super) fn supervise(machine: Arc<Machine>, vcpus: Vec<Option<JoinHandle<()>>>, deadline: Option<Instant>) {
     let mut slice = FIRST_SLICE;
     let mut probe_generation = machine.status.iter().map(|s| s.probe_request.load(Ordering::Relaxed)).max().unwrap_or(0);
     let mut parked_rounds = 0;
@@ -67,12 +66,25 @@ pub(super) fn supervise(machine: Arc<Machine>, deadline: Option<Instant>) {
     }
     // The last vCPU thread out has published the outcome (a panic included, through `Alive`);
     // what is left is to reap the threads.
+    reap(vcpus);
+}
+
+/// Kicks and joins vCPU threads whose run has been asked to end, without a supervisor.
+pub(super) fn stop_and_reap(vcpus: Vec<Option<JoinHandle<()>>>) {
+    while vcpus.iter().flatten().any(|h| !h.is_finished()) {
+        kick_all(&vcpus);
+        std::thread::sleep(REKICK);
+    }
+    reap(vcpus);
+}
+
+fn reap(vcpus: Vec<Option<JoinHandle<()>>>) {
     for handle in vcpus.into_iter().flatten() {
         let _ = handle.join();
     }
 }
 
-fn spawn_vcpus(machine: &Arc<Machine>) -> Vec<Option<JoinHandle<()>>> {
+pub(super) fn spawn_vcpus(machine: &Arc<Machine>) -> Vec<Option<JoinHandle<()>>> {
     (0..machine.vcpus.len())
         .map(|index| {
             let m = machine.clone();
