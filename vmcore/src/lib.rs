@@ -13,6 +13,7 @@ pub mod boot;
 pub mod console;
 pub mod cpu;
 pub mod devices;
+pub mod hooks;
 mod error;
 pub mod outcome;
 pub mod stats;

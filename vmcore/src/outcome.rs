@@ -1,6 +1,10 @@
 //! How a run ended.
 
+use std::any::Any;
 use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use crate::hooks::{HookError, StopRequest};
 
 /// Why a VM stopped running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -19,6 +23,10 @@ pub enum ExitReason {
     EmulationFailure,
     /// KVM or vmcore failed in a way the guest did not ask for; `detail` says how.
     InternalError,
+    /// A hook asked the VM to stop; `code` and `detail` carry what it said.
+    HookStop,
+    /// A hook failed (raised); `detail` has its message.
+    HookError,
 }
 
 impl ExitReason {
@@ -31,6 +39,8 @@ impl ExitReason {
             ExitReason::Stopped => "stopped",
             ExitReason::EmulationFailure => "emulation_failure",
             ExitReason::InternalError => "internal_error",
+            ExitReason::HookStop => "hook_stop",
+            ExitReason::HookError => "hook_error",
         }
     }
 
@@ -60,11 +70,43 @@ pub struct Outcome {
     pub instruction: Vec<u8>,
     /// A human-readable explanation.
     pub detail: String,
+    /// What a hook handed over with `hook_stop` or `hook_error` (for example a Python
+    /// exception), for the binding that registered it. Taken once.
+    pub payload: Option<Payload>,
 }
+
+/// An opaque value a hook passes to whoever waits for the outcome. Clones share it; the first
+/// to take it gets it.
+#[derive(Clone)]
+pub struct Payload(Arc<Mutex<Option<Box<dyn Any + Send>>>>);
+
+impl Payload {
+    fn new(value: Box<dyn Any + Send>) -> Payload {
+        Payload(Arc::new(Mutex::new(Some(value))))
+    }
+
+    pub fn take(&self) -> Option<Box<dyn Any + Send>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Payload(..)")
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Payload) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Payload {}
 
 impl Outcome {
     pub fn new(reason: ExitReason) -> Outcome {
-        Outcome { reason, code: None, vcpu: None, rip: None, instruction: Vec::new(), detail: String::new() }
+        Outcome { reason, code: None, vcpu: None, rip: None, instruction: Vec::new(), detail: String::new(), payload: None }
     }
 
     pub fn with_code(mut self, code: u64) -> Outcome {
@@ -79,6 +121,20 @@ impl Outcome {
 
     pub fn internal(detail: impl Into<String>) -> Outcome {
         Outcome::new(ExitReason::InternalError).with_detail(detail)
+    }
+
+    /// A hook stopped the VM. Its payload goes to `payload` for the binding to hand back.
+    pub fn hook_stop(request: StopRequest) -> Outcome {
+        Outcome {
+            code: request.code,
+            payload: request.payload.map(Payload::new),
+            ..Outcome::new(ExitReason::HookStop).with_detail(request.detail)
+        }
+    }
+
+    /// A hook failed; the binding gets the error's payload (its exception) back.
+    pub fn hook_error(error: HookError) -> Outcome {
+        Outcome { payload: error.payload.map(Payload::new), ..Outcome::new(ExitReason::HookError).with_detail(error.message) }
     }
 
     /// The process exit status QEMU's isa-debug-exit would give: `(code << 1) | 1`.

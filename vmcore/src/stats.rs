@@ -1,6 +1,7 @@
 //! Exit counters. Each vCPU counts into its own `ExitStats`; the VM merges them on demand.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExitStats {
@@ -14,6 +15,13 @@ pub struct ExitStats {
     pub unhandled_mmio_reads: BTreeMap<u64, u64>,
     /// MMIO writes nothing claimed (dropped), by address.
     pub unhandled_mmio_writes: BTreeMap<u64, u64>,
+    /// RDMSR and WRMSR exits, by MSR index.
+    pub msr_reads: BTreeMap<u32, u64>,
+    pub msr_writes: BTreeMap<u32, u64>,
+    /// Hook calls, by event kind, and the time spent in hooks.
+    pub hook_events: BTreeMap<&'static str, u64>,
+    pub hook_calls: u64,
+    pub hook_time: Duration,
 }
 
 impl ExitStats {
@@ -32,6 +40,11 @@ impl ExitStats {
         add(&mut self.unhandled_port_writes, &other.unhandled_port_writes);
         add(&mut self.unhandled_mmio_reads, &other.unhandled_mmio_reads);
         add(&mut self.unhandled_mmio_writes, &other.unhandled_mmio_writes);
+        add(&mut self.msr_reads, &other.msr_reads);
+        add(&mut self.msr_writes, &other.msr_writes);
+        add(&mut self.hook_events, &other.hook_events);
+        self.hook_calls += other.hook_calls;
+        self.hook_time += other.hook_time;
     }
 
     /// All exits, kicks included.

@@ -1,90 +1,284 @@
-//! The one place every KVM exit is dispatched: to a device, to the statistics, or to the end of
-//! the run.
+//! The one place every KVM exit is dispatched: to hooks, to a device, to the statistics, or to
+//! the end of the run.
+//!
+//! An exit is first copied out of `kvm_run` ([`Exit`]), so the vCPU can be unlocked while hooks
+//! run; what the guest gets back ([`Completion`]) is written into `kvm_run` before it resumes.
 
-use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::VcpuExit;
 
 use super::vcpu::VcpuEnv;
 use crate::devices::{lock, BusResult};
+use crate::hooks::{Event, EventKind, HookError};
 use crate::outcome::{ExitReason, Outcome};
+
+/// A KVM exit, owned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Exit {
+    IoIn { port: u16, len: usize },
+    IoOut { port: u16, data: Vec<u8> },
+    MmioRead { address: u64, len: usize },
+    MmioWrite { address: u64, data: Vec<u8> },
+    MsrRead { index: u32 },
+    MsrWrite { index: u32, value: u64 },
+    Debug { exception: u32, pc: u64 },
+    Hlt,
+    Shutdown,
+    InternalError,
+    FailEntry { reason: u64, cpu: u32 },
+    SystemEvent { kind: u32 },
+    Interrupted,
+    Unexpected(String),
+}
+
+impl Exit {
+    pub(crate) fn capture(exit: VcpuExit<'_>) -> Exit {
+        match exit {
+            VcpuExit::IoIn(port, data) => Exit::IoIn { port, len: data.len() },
+            VcpuExit::IoOut(port, data) => Exit::IoOut { port, data: data.to_vec() },
+            VcpuExit::MmioRead(address, data) => Exit::MmioRead { address, len: data.len() },
+            VcpuExit::MmioWrite(address, data) => Exit::MmioWrite { address, data: data.to_vec() },
+            VcpuExit::X86Rdmsr(msr) => Exit::MsrRead { index: msr.index },
+            VcpuExit::X86Wrmsr(msr) => Exit::MsrWrite { index: msr.index, value: msr.data },
+            VcpuExit::Debug(d) => Exit::Debug { exception: d.exception, pc: d.pc },
+            VcpuExit::Hlt => Exit::Hlt,
+            VcpuExit::Shutdown => Exit::Shutdown,
+            VcpuExit::InternalError => Exit::InternalError,
+            VcpuExit::FailEntry(reason, cpu) => Exit::FailEntry { reason, cpu },
+            VcpuExit::SystemEvent(kind, _) => Exit::SystemEvent { kind },
+            VcpuExit::Intr | VcpuExit::IrqWindowOpen => Exit::Interrupted,
+            other => Exit::Unexpected(format!("{other:?}")),
+        }
+    }
+
+    /// The statistics name of the exit.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Exit::IoIn { .. } => "io_in",
+            Exit::IoOut { .. } => "io_out",
+            Exit::MmioRead { .. } => "mmio_read",
+            Exit::MmioWrite { .. } => "mmio_write",
+            Exit::MsrRead { .. } => "msr_read",
+            Exit::MsrWrite { .. } => "msr_write",
+            Exit::Debug { .. } => "debug",
+            Exit::Hlt => "hlt",
+            Exit::Shutdown => "shutdown",
+            Exit::InternalError => "internal_error",
+            Exit::FailEntry { .. } => "fail_entry",
+            Exit::SystemEvent { .. } => "system_event",
+            Exit::Interrupted => "interrupt",
+            Exit::Unexpected(_) => "unexpected",
+        }
+    }
+
+    /// The hook event this exit is, for the exits scripts can hook directly.
+    pub(crate) fn event_kind(&self) -> Option<EventKind> {
+        let size = |len: usize| len.min(8) as u8;
+        Some(match self {
+            Exit::IoIn { port, len } => EventKind::Io { port: *port, size: size(*len), write: false },
+            Exit::IoOut { port, data } => EventKind::Io { port: *port, size: size(data.len()), write: true },
+            Exit::MmioRead { address, len } => EventKind::Mmio { address: *address, size: size(*len), write: false },
+            Exit::MmioWrite { address, data } => EventKind::Mmio { address: *address, size: size(data.len()), write: true },
+            Exit::MsrRead { index } => EventKind::Msr { index: *index, write: false },
+            Exit::MsrWrite { index, .. } => EventKind::Msr { index: *index, write: true },
+            Exit::Shutdown => EventKind::Shutdown,
+            _ => return None,
+        })
+    }
+
+    /// The value a write carries, little-endian.
+    fn written(&self) -> Option<u64> {
+        match self {
+            Exit::IoOut { data, .. } | Exit::MmioWrite { data, .. } => Some(le_value(data)),
+            Exit::MsrWrite { value, .. } => Some(*value),
+            _ => None,
+        }
+    }
+}
+
+fn le_value(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = data.len().min(8);
+    b[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(b)
+}
+
+/// What the guest gets back for the exit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Completion {
+    Nothing,
+    /// Data for an IN or an MMIO read.
+    Data(Vec<u8>),
+    /// An RDMSR result, or (with `fault`) a #GP for RDMSR/WRMSR.
+    Msr { value: u64, fault: bool },
+}
+
+/// Writes `completion` into `run`, whose last exit is `exit`.
+pub(crate) fn complete(run: &mut kvm_run, exit: &Exit, completion: &Completion) {
+    match (exit, completion) {
+        (Exit::IoIn { len, .. }, Completion::Data(data)) => {
+            // SAFETY: the last exit was KVM_EXIT_IO (captured as IoIn), so `io` is the live
+            // union member; data_offset points inside the kvm_run mapping at `len` bytes that
+            // KVM reads back on the next KVM_RUN, and we write at most `len` bytes there.
+            unsafe {
+                let offset = run.__bindgen_anon_1.io.data_offset as usize;
+                let base = (run as *mut kvm_run as *mut u8).add(offset);
+                std::ptr::copy_nonoverlapping(data.as_ptr(), base, data.len().min(*len));
+            }
+        }
+        (Exit::MmioRead { len, .. }, Completion::Data(data)) => {
+            // SAFETY: the last exit was KVM_EXIT_MMIO, so `mmio` is the live union member.
+            let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+            let n = data.len().min(*len).min(mmio.data.len());
+            mmio.data[..n].copy_from_slice(&data[..n]);
+        }
+        (Exit::MsrRead { .. } | Exit::MsrWrite { .. }, Completion::Msr { value, fault }) => {
+            // SAFETY: the last exit was KVM_EXIT_X86_RDMSR/WRMSR, so `msr` is the live member.
+            let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+            msr.data = *value;
+            msr.error = u8::from(*fault);
+        }
+        _ => {}
+    }
+}
 
 pub(crate) enum Flow {
     Resume,
     End(Outcome),
     /// KVM_EXIT_INTERNAL_ERROR: the vCPU reads the details from its kvm_run.
     InternalError,
+    /// A debug exit, for the vCPU's stepping and breakpoint machinery.
+    Debug { exception: u32, pc: u64 },
 }
 
-pub(crate) fn dispatch(exit: VcpuExit<'_>, env: &VcpuEnv) -> Flow {
-    let mut stats = lock(env.stats);
-    match exit {
-        VcpuExit::IoIn(port, data) => {
-            stats.count_exit("io_in");
-            if let BusResult::Unhandled = env.io.read(port, data) {
-                data.fill(0xFF);
-                *stats.unhandled_port_reads.entry(port).or_default() += 1;
+/// The default MSR behaviour when no hook decides: the vCPU performs the access itself.
+pub(crate) trait MsrAccess {
+    fn read_msr(&self, index: u32) -> Option<u64>;
+    fn write_msr(&self, index: u32, value: u64) -> bool;
+}
+
+/// Handles one exit. `rip` is the instruction that caused it (hooks report it).
+pub(crate) fn dispatch(exit: &Exit, rip: u64, env: &VcpuEnv, msrs: &dyn MsrAccess) -> Result<(Flow, Completion), HookError> {
+    lock(env.stats).count_exit(exit.name());
+    if !env.hooks.is_empty() {
+        let mut any = Event::new(env.index, rip, EventKind::Exit { reason: exit.name() }, None);
+        if env.hooks.wants(&any.kind) {
+            call_hooks(env, &mut any)?;
+            if let Some(stop) = any.take_stop() {
+                return Ok((Flow::End(Outcome::hook_stop(stop)), Completion::Nothing));
             }
-            Flow::Resume
         }
-        VcpuExit::IoOut(port, data) => {
-            stats.count_exit("io_out");
-            match env.io.write(port, data) {
-                BusResult::Done => Flow::Resume,
-                BusResult::Exit(outcome) => Flow::End(outcome),
+    }
+    let mut event = exit.event_kind().map(|kind| Event::new(env.index, rip, kind, exit.written()));
+    if let Some(ev) = event.as_mut().filter(|ev| env.hooks.wants(&ev.kind)) {
+        call_hooks(env, ev)?;
+        if let Some(stop) = ev.take_stop() {
+            return Ok((Flow::End(Outcome::hook_stop(stop)), Completion::Nothing));
+        }
+    }
+    let vetoed = event.as_ref().is_some_and(Event::is_vetoed);
+    let supplied = event.as_ref().and_then(|ev| if ev.kind.is_read() { ev.value } else { None });
+    let rewritten = event.as_ref().and_then(|ev| ev.value);
+
+    let mut stats = lock(env.stats);
+    Ok(match exit {
+        Exit::IoIn { port, len } => {
+            let mut data = vec![0xFFu8; *len];
+            match supplied {
+                Some(v) => fill(&mut data, v),
+                None => {
+                    if let BusResult::Unhandled = env.io.read(*port, &mut data) {
+                        data.fill(0xFF);
+                        *stats.unhandled_port_reads.entry(*port).or_default() += 1;
+                    }
+                }
+            }
+            (Flow::Resume, Completion::Data(data))
+        }
+        Exit::IoOut { port, data } => {
+            if vetoed {
+                return Ok((Flow::Resume, Completion::Nothing));
+            }
+            let mut data = data.clone();
+            if let Some(v) = rewritten {
+                fill(&mut data, v);
+            }
+            match env.io.write(*port, &data) {
+                BusResult::Done => (Flow::Resume, Completion::Nothing),
+                BusResult::Exit(outcome) => (Flow::End(outcome), Completion::Nothing),
                 BusResult::Unhandled => {
-                    *stats.unhandled_port_writes.entry(port).or_default() += 1;
-                    Flow::Resume
+                    *stats.unhandled_port_writes.entry(*port).or_default() += 1;
+                    (Flow::Resume, Completion::Nothing)
                 }
             }
         }
-        VcpuExit::MmioRead(address, data) => {
-            stats.count_exit("mmio_read");
-            data.fill(0xFF);
-            *stats.unhandled_mmio_reads.entry(address).or_default() += 1;
-            Flow::Resume
+        Exit::MmioRead { address, len } => {
+            let mut data = vec![0xFFu8; *len];
+            match supplied {
+                Some(v) => fill(&mut data, v),
+                None => *stats.unhandled_mmio_reads.entry(*address).or_default() += 1,
+            }
+            (Flow::Resume, Completion::Data(data))
         }
-        VcpuExit::MmioWrite(address, _) => {
-            stats.count_exit("mmio_write");
-            *stats.unhandled_mmio_writes.entry(address).or_default() += 1;
-            Flow::Resume
+        Exit::MmioWrite { address, .. } => {
+            if !vetoed && event.as_ref().is_none_or(|ev| !env.hooks.wants(&ev.kind)) {
+                *stats.unhandled_mmio_writes.entry(*address).or_default() += 1;
+            }
+            (Flow::Resume, Completion::Nothing)
         }
+        Exit::MsrRead { index } => {
+            *stats.msr_reads.entry(*index).or_default() += 1;
+            drop(stats);
+            let value = supplied.or_else(|| msrs.read_msr(*index));
+            (Flow::Resume, Completion::Msr { value: value.unwrap_or(0), fault: value.is_none() })
+        }
+        Exit::MsrWrite { index, value } => {
+            *stats.msr_writes.entry(*index).or_default() += 1;
+            drop(stats);
+            let ok = vetoed || msrs.write_msr(*index, rewritten.unwrap_or(*value));
+            (Flow::Resume, Completion::Msr { value: 0, fault: !ok })
+        }
+        Exit::Debug { exception, pc } => (Flow::Debug { exception: *exception, pc: *pc }, Completion::Nothing),
         // Only seen without an in-kernel local APIC; vmcore always has one, but a HLT exit
         // still means what it says.
-        VcpuExit::Hlt => {
-            stats.count_exit("hlt");
-            Flow::End(Outcome::new(ExitReason::Halted))
-        }
-        VcpuExit::Shutdown => {
-            stats.count_exit("shutdown");
-            Flow::End(Outcome::new(ExitReason::Shutdown).with_detail("triple fault"))
-        }
-        VcpuExit::InternalError => {
-            stats.count_exit("internal_error");
-            Flow::InternalError
-        }
-        VcpuExit::FailEntry(reason, cpu) => {
-            stats.count_exit("fail_entry");
+        Exit::Hlt => (Flow::End(Outcome::new(ExitReason::Halted)), Completion::Nothing),
+        Exit::Shutdown => (Flow::End(Outcome::new(ExitReason::Shutdown).with_detail("triple fault")), Completion::Nothing),
+        Exit::InternalError => (Flow::InternalError, Completion::Nothing),
+        Exit::FailEntry { reason, cpu } => (
             Flow::End(Outcome::internal(format!(
                 "KVM could not enter the guest: hardware entry failure reason {reason:#x} on host CPU {cpu}"
-            )))
-        }
-        VcpuExit::SystemEvent(kind, _) => {
-            stats.count_exit("system_event");
-            Flow::End(match kind {
+            ))),
+            Completion::Nothing,
+        ),
+        Exit::SystemEvent { kind } => (
+            Flow::End(match *kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => {
                     Outcome::new(ExitReason::Shutdown).with_detail(format!("KVM system event {kind}"))
                 }
                 KVM_SYSTEM_EVENT_CRASH => Outcome::internal("KVM reports a guest crash"),
                 other => Outcome::internal(format!("unexpected KVM system event {other}")),
-            })
-        }
-        VcpuExit::Intr | VcpuExit::IrqWindowOpen => {
-            stats.count_exit("interrupt");
-            Flow::Resume
-        }
-        other => {
-            stats.count_exit("unexpected");
-            Flow::End(Outcome::internal(format!("unexpected KVM exit {other:?}")))
-        }
+            }),
+            Completion::Nothing,
+        ),
+        Exit::Interrupted => (Flow::Resume, Completion::Nothing),
+        Exit::Unexpected(what) => (Flow::End(Outcome::internal(format!("unexpected KVM exit {what}"))), Completion::Nothing),
+    })
+}
+
+/// Runs the hooks for `event`, timing them for the statistics.
+pub(crate) fn call_hooks(env: &VcpuEnv, event: &mut Event) -> Result<(), HookError> {
+    let started = std::time::Instant::now();
+    let result = env.hooks.dispatch(event);
+    let mut stats = lock(env.stats);
+    stats.hook_calls += 1;
+    stats.hook_time += started.elapsed();
+    *stats.hook_events.entry(event.kind.name()).or_default() += 1;
+    result
+}
+
+fn fill(data: &mut [u8], value: u64) {
+    let bytes = value.to_le_bytes();
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = bytes[i % 8];
     }
 }

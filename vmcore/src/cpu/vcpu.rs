@@ -2,16 +2,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use kvm_bindings::{
-    CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
-    KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED,
+    kvm_msr_entry, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+    KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_SYNC_X86_REGS,
 };
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::{SyncReg, VcpuFd, VmFd};
 
-use super::exit::{dispatch, Flow};
+use super::exit::{complete, dispatch, Exit, Flow, MsrAccess};
 use super::kick::ArmedThread;
 use super::regs::RegisterFile;
 use crate::boot::EntryPoint;
 use crate::devices::{lock, IoBus};
+use crate::hooks::Hooks;
 use crate::memory::GuestRam;
 use crate::outcome::{ExitReason, Outcome};
 use crate::paging;
@@ -36,8 +37,10 @@ pub struct VcpuStatus {
 
 /// What the run loop needs from the machine around it.
 pub struct VcpuEnv<'a> {
+    pub index: usize,
     pub ram: &'a GuestRam,
     pub io: &'a IoBus,
+    pub hooks: &'a Hooks,
     /// VM-wide: leave the loop at the next opportunity.
     pub stop: &'a AtomicBool,
     pub status: &'a VcpuStatus,
@@ -51,8 +54,13 @@ pub struct Vcpu {
 
 impl Vcpu {
     pub fn new(vm: &VmFd, index: usize, cpuid: &CpuId) -> Result<Vcpu> {
-        let fd = vm.create_vcpu(index as u64).map_err(Error::kvm("CREATE_VCPU"))?;
+        let mut fd = vm.create_vcpu(index as u64).map_err(Error::kvm("CREATE_VCPU"))?;
         fd.set_cpuid2(cpuid).map_err(Error::kvm("SET_CPUID2"))?;
+        // KVM copies the general registers into kvm_run on every exit, so hooks learn RIP
+        // without an ioctl. Hosts without the capability fall back to KVM_GET_REGS.
+        if vm.check_extension(kvm_ioctls::Cap::SyncRegs) {
+            fd.set_sync_valid_reg(SyncReg::Register);
+        }
         Ok(Vcpu { index, fd })
     }
 
@@ -79,37 +87,71 @@ impl Vcpu {
         self.set_registers(&RegisterFile { regs, sregs })
     }
 
-    /// Runs until the guest ends the VM (`Some(outcome)`) or `env.stop` is set (`None`).
-    pub fn run(&mut self, env: &VcpuEnv) -> Option<Outcome> {
-        let _armed = ArmedThread::arm(self.fd.get_kvm_run());
+    /// RIP at the last exit: from the synced registers when KVM provides them.
+    fn exit_rip(&mut self) -> u64 {
+        if self.fd.get_kvm_run().kvm_valid_regs & u64::from(KVM_SYNC_X86_REGS) != 0 {
+            self.fd.sync_regs().regs.rip
+        } else {
+            self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
+        }
+    }
+
+    /// Runs the vCPU in `slot` until the guest ends the VM (`Some(outcome)`) or `env.stop` is
+    /// set (`None`). The vCPU stays locked except while hooks run, so other threads can reach
+    /// its registers exactly when it is stopped in a hook.
+    pub fn run(slot: &Mutex<Vcpu>, env: &VcpuEnv) -> Option<Outcome> {
+        let mut vcpu = lock(slot);
+        let _armed = ArmedThread::arm(vcpu.fd.get_kvm_run());
         loop {
             if env.stop.load(Ordering::Acquire) {
                 return None;
             }
-            let flow = match self.fd.run() {
+            let exit = match vcpu.fd.run() {
                 Ok(exit) => {
                     env.status.exits.fetch_add(1, Ordering::Relaxed);
                     env.status.parked.store(false, Ordering::Relaxed);
-                    dispatch(exit, env)
+                    Exit::capture(exit)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.fd.set_kvm_immediate_exit(0);
+                    vcpu.fd.set_kvm_immediate_exit(0);
                     lock(env.stats).count_exit("kick");
                     let request = env.status.probe_request.load(Ordering::Acquire);
                     if request != env.status.probe_answer.load(Ordering::Relaxed) {
-                        env.status.parked.store(self.is_parked(), Ordering::Release);
+                        env.status.parked.store(vcpu.is_parked(), Ordering::Release);
                         env.status.probe_answer.store(request, Ordering::Release);
                     }
-                    Flow::Resume
+                    continue;
                 }
-                Err(e) => Flow::End(Outcome::internal(format!("KVM_RUN failed: {e}"))),
+                Err(e) => return Some(vcpu.locate(Outcome::internal(format!("KVM_RUN failed: {e}")))),
             };
+            let hooked = !env.hooks.is_empty();
+            let rip = if hooked { vcpu.exit_rip() } else { 0 };
+            let handled = if hooked {
+                // Hooks run with the vCPU unlocked; MSR defaults still need it, so they lock it
+                // briefly themselves.
+                drop(vcpu);
+                let handled = dispatch(&exit, rip, env, &LockedMsrs(slot));
+                vcpu = lock(slot);
+                handled
+            } else {
+                dispatch(&exit, rip, env, &*vcpu)
+            };
+            let (flow, completion) = match handled {
+                Ok(handled) => handled,
+                Err(e) => return Some(vcpu.locate(Outcome::hook_error(e))),
+            };
+            complete(vcpu.fd.get_kvm_run(), &exit, &completion);
             match flow {
                 Flow::Resume => {}
-                Flow::End(outcome) => return Some(self.locate(outcome)),
+                Flow::End(outcome) => return Some(vcpu.locate(outcome)),
                 Flow::InternalError => {
-                    let outcome = self.internal_error(env.ram);
-                    return Some(self.locate(outcome));
+                    let outcome = vcpu.internal_error(env.ram);
+                    return Some(vcpu.locate(outcome));
+                }
+                Flow::Debug { exception, pc } => {
+                    return Some(vcpu.locate(Outcome::internal(format!(
+                        "unexpected debug exit (exception {exception}, pc {pc:#x})"
+                    ))))
                 }
             }
         }
@@ -129,7 +171,7 @@ impl Vcpu {
     fn locate(&self, mut outcome: Outcome) -> Outcome {
         outcome.vcpu = Some(self.index);
         if outcome.rip.is_none() {
-            outcome.rip = self.registers().ok().map(|rf| rf.linear_rip());
+            outcome.rip = self.fd.get_regs().ok().map(|r| r.rip);
         }
         outcome
     }
@@ -160,7 +202,7 @@ impl Vcpu {
         let mut outcome = Outcome::new(ExitReason::EmulationFailure);
         let registers = self.registers().ok();
         if let Some(rf) = &registers {
-            outcome.rip = Some(rf.linear_rip());
+            outcome.rip = Some(rf.regs.rip);
         }
         if failure.ndata >= 3 && failure.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0 {
             // SAFETY: the flag says the instruction bytes are valid.
@@ -173,5 +215,33 @@ impl Vcpu {
             }
         }
         outcome.with_detail("KVM could not emulate the instruction")
+    }
+}
+
+impl MsrAccess for Vcpu {
+    fn read_msr(&self, index: u32) -> Option<u64> {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }]).ok()?;
+        match self.fd.get_msrs(&mut msrs) {
+            Ok(1) => Some(msrs.as_slice()[0].data),
+            _ => None,
+        }
+    }
+
+    fn write_msr(&self, index: u32, value: u64) -> bool {
+        Msrs::from_entries(&[kvm_msr_entry { index, data: value, ..Default::default() }])
+            .is_ok_and(|msrs| matches!(self.fd.set_msrs(&msrs), Ok(1)))
+    }
+}
+
+/// MSR defaults for a vCPU that is unlocked while hooks run.
+struct LockedMsrs<'a>(&'a Mutex<Vcpu>);
+
+impl MsrAccess for LockedMsrs<'_> {
+    fn read_msr(&self, index: u32) -> Option<u64> {
+        lock(self.0).read_msr(index)
+    }
+
+    fn write_msr(&self, index: u32, value: u64) -> bool {
+        lock(self.0).write_msr(index, value)
     }
 }

@@ -19,6 +19,7 @@ use crate::boot::{self, CpuMode, EntryPoint};
 use crate::console::{Console, Tee};
 use crate::cpu::{cpuid, kick, RegisterFile, Vcpu, VcpuStatus};
 use crate::devices::{lock, DebugExit, IoBus, IrqLine, SerialPort, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
+use crate::hooks::Hooks;
 use crate::memory::GuestRam;
 use crate::outcome::{ExitReason, Outcome};
 use crate::paging;
@@ -111,6 +112,7 @@ impl VmBuilder {
             stats: (0..count).map(|_| Mutex::default()).collect(),
             _vm_fd: vm_fd,
             io,
+            hooks: Hooks::default(),
             console,
             ram,
             stop: AtomicBool::new(false),
@@ -147,6 +149,7 @@ pub(crate) struct Machine {
     stats: Vec<Mutex<ExitStats>>,
     _vm_fd: VmFd,
     io: IoBus,
+    hooks: Hooks,
     console: Console,
     ram: GuestRam,
     /// Tells vCPU loops to return; set with `run.end`.

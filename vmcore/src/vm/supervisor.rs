@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::signal::Killable;
 
 use super::Machine;
-use crate::cpu::{kick, VcpuEnv};
+use crate::cpu::{kick, Vcpu, VcpuEnv};
 use crate::devices::lock;
 use crate::outcome::{ExitReason, Outcome};
 
@@ -126,15 +126,16 @@ impl Drop for Alive<'_> {
 
 fn vcpu_thread(machine: &Machine, index: usize) {
     let _alive = Alive(machine, index);
-    let mut vcpu = lock(&machine.vcpus[index]);
     let env = VcpuEnv {
+        index,
+        hooks: &machine.hooks,
         ram: &machine.ram,
         io: &machine.io,
         stop: &machine.stop,
         status: &machine.status[index],
         stats: &machine.stats[index],
     };
-    if let Some(outcome) = vcpu.run(&env) {
+    if let Some(outcome) = Vcpu::run(&machine.vcpus[index], &env) {
         machine.request_end(outcome);
     }
 }
