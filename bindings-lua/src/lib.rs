@@ -1,0 +1,28 @@
+//! `vmcore` for Lua 5.4: `local vmcore = require("vmcore")`.
+//!
+//! Two layers, like the Python package:
+//!
+//! * this crate's native part (`native.rs`): a userdata around [`vmcore::Vm`] whose methods
+//!   translate Lua values to core calls and core results to plain Lua values. It holds no VM
+//!   logic. Every native call returns `true, results...` on success or `false, message` on a
+//!   core error, so nothing raises through mlua's error objects;
+//! * `vmcore.lua`, compiled into the library: the user-facing objects (`Vm`, `Console`,
+//!   `Registers`, outcome and match tables). It turns `false, message` into a Lua error whose
+//!   message is a plain string, `"vmcore.<Kind>: <core message>"`.
+//!
+//! See `bindings-lua/README.md` for the Lua API.
+
+mod args;
+mod fail;
+mod native;
+
+use mlua::{Lua, Table};
+
+/// The Lua side of the module, run once by `require("vmcore")` with the native table.
+const FACADE: &str = include_str!("vmcore.lua");
+
+#[mlua::lua_module]
+fn vmcore(lua: &Lua) -> mlua::Result<Table> {
+    let native = native::module(lua)?;
+    lua.load(FACADE).set_name("=vmcore.lua").call(native)
+}

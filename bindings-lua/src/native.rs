@@ -1,0 +1,266 @@
+//! The native VM handle and module functions that `vmcore.lua` builds on.
+//!
+//! Each method converts its arguments (`args`), makes one core call, and converts the result.
+//! Methods return `true, results...` or `false, "vmcore.<Kind>: message"` (see `fail`).
+
+use std::time::Duration;
+
+use mlua::{Lua, MultiValue, Table, UserData, UserDataMethods, Value};
+use vmcore::console::Tee;
+use vmcore::memory::parse_size;
+use vmcore::{CpuMode, Error, Vm, VmBuilder};
+
+use crate::args::{self, describe, int};
+use crate::fail::{bad, core, reply, Res};
+
+/// `expect` waits this long when no timeout is given, as in Python.
+const DEFAULT_EXPECT_SECONDS: f64 = 10.0;
+/// Where `load_flat` puts code by default (the guests' link address for protected/long mode).
+const DEFAULT_LOAD_ADDRESS: u64 = 0x10_0000;
+
+/// One VM. `None` once closed: closing drops the core `Vm`, whose `Drop` stops the run and joins
+/// its threads, and then its file descriptors and guest RAM go. The garbage collector drops it
+/// the same way (mlua's `__gc` drops the Rust value).
+pub(crate) struct NativeVm {
+    vm: Option<Vm>,
+}
+
+impl NativeVm {
+    fn get(&self) -> Res<&Vm> {
+        self.vm.as_ref().ok_or_else(|| Error::State("the VM is closed".into()).into())
+    }
+
+    fn build(opts: &Value) -> Res<NativeVm> {
+        let opts = args::options(opts, "vmcore.Vm{...}", &["memory", "vcpus", "tee"])?;
+        let mut builder = VmBuilder::new();
+        if let Some(t) = opts {
+            builder = match t.raw_get::<Value>("memory")? {
+                Value::Nil => builder,
+                Value::String(s) => builder.memory(core(parse_size(&s.to_string_lossy()))?),
+                v @ (Value::Integer(_) | Value::Number(_)) => builder.memory(args::count(&v, "memory")? as u64),
+                v => {
+                    return Err(bad(format!(
+                        "memory must be an integer (bytes) or a size like \"64M\", got {}",
+                        describe(&v)
+                    )))
+                }
+            };
+            builder = match t.raw_get::<Value>("vcpus")? {
+                Value::Nil => builder,
+                v => builder.vcpus(args::count(&v, "vcpus")?),
+            };
+            builder = match t.raw_get::<Value>("tee")? {
+                Value::Nil | Value::Boolean(false) => builder,
+                Value::String(s) => builder.tee(Some(Tee::parse(&s.to_string_lossy()))),
+                v => {
+                    return Err(bad(format!("tee must be \"stdout\", \"stderr\" or a file path, got {}", describe(&v))))
+                }
+            };
+        }
+        Ok(NativeVm { vm: Some(core(builder.build())?) })
+    }
+
+    /// Returns the entry address.
+    fn load_flat(&self, code: &Value, opts: &Value) -> Res<i64> {
+        let code = args::bytes(code, "code")?;
+        let opts = args::options(opts, "load_flat options", &["address", "mode"])?;
+        let (mut address, mut mode) = (DEFAULT_LOAD_ADDRESS, CpuMode::Long);
+        if let Some(t) = opts {
+            let a = t.raw_get::<Value>("address")?;
+            if !a.is_nil() {
+                address = args::bits(&a, "address")?;
+            }
+            let m = t.raw_get::<Value>("mode")?;
+            if !m.is_nil() {
+                mode = core(args::text(&m, "mode")?.parse())?;
+            }
+        }
+        let entry = core(self.get()?.load_flat(&code, address, mode))?;
+        Ok(int(entry.address))
+    }
+
+    /// Returns the entry address.
+    fn load_elf(&self, path: &Value) -> Res<i64> {
+        let path = args::path(path, "path")?;
+        let entry = core(self.get()?.load_elf(&path))?;
+        Ok(int(entry.address))
+    }
+
+    /// Refuses lengths no read could satisfy before allocating a buffer for them.
+    fn check_length(&self, length: usize) -> Res<()> {
+        let size = self.get()?.memory_size();
+        if length as u64 > size {
+            return Err(Error::Memory(format!("cannot read {length} bytes: the guest has {size} bytes of RAM")).into());
+        }
+        Ok(())
+    }
+}
+
+/// Registers a native method: converts the result to the `true, ...` / `false, message` form.
+fn method<M, A, R, F>(methods: &mut M, name: &str, f: F)
+where
+    M: UserDataMethods<NativeVm>,
+    A: mlua::FromLuaMulti,
+    R: mlua::IntoLuaMulti,
+    F: Fn(&Lua, &NativeVm, A) -> Res<R> + 'static,
+{
+    methods.add_method(name, move |lua, this, a: A| reply(lua, f(lua, this, a)));
+}
+
+impl UserData for NativeVm {
+    fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
+        method(m, "memory_size", |_, this, ()| Ok(int(this.get()?.memory_size())));
+        method(m, "vcpu_count", |_, this, ()| Ok(this.get()?.vcpu_count() as i64));
+        method(m, "is_running", |_, this, ()| Ok(this.get()?.is_running()));
+        method(m, "closed", |_, this, ()| Ok(this.vm.is_none()));
+        method(m, "outcome", |lua, this, ()| Ok(this.get()?.outcome().map(|o| args::outcome(lua, &o)).transpose()?));
+
+        method(m, "load_flat", |_, this, (code, opts): (Value, Value)| this.load_flat(&code, &opts));
+        method(m, "load_elf", |_, this, path: Value| this.load_elf(&path));
+
+        method(m, "start", |_, this, t: Value| {
+            let t = args::timeout(&t, "start timeout")?;
+            core(this.get()?.start(t))
+        });
+        method(m, "wait", |lua, this, t: Value| {
+            let t = args::timeout(&t, "wait timeout")?;
+            let outcome = core(this.get()?.wait(t))?;
+            Ok(outcome.map(|o| args::outcome(lua, &o)).transpose()?)
+        });
+        method(m, "run", |lua, this, t: Value| {
+            let t = args::timeout(&t, "run timeout")?;
+            let outcome = core(this.get()?.run(t))?;
+            Ok(args::outcome(lua, &outcome)?)
+        });
+        method(m, "stop", |lua, this, ()| {
+            let outcome = core(this.get()?.stop())?;
+            Ok(outcome.map(|o| args::outcome(lua, &o)).transpose()?)
+        });
+        m.add_method_mut("close", |lua, this, ()| {
+            // Dropping the core Vm stops it and joins its threads.
+            drop(this.vm.take());
+            reply(lua, Ok(()))
+        });
+
+        method(m, "console_output", |lua, this, ()| Ok(lua.create_string(this.get()?.console().output())?));
+        method(m, "console_output_bytes", |lua, this, ()| Ok(lua.create_string(this.get()?.console().output_bytes())?));
+        method(m, "console_tail", |lua, this, ()| Ok(lua.create_string(this.get()?.console().tail())?));
+        method(m, "console_send", |_, this, data: Value| {
+            let data = args::bytes(&data, "data")?;
+            core(this.get()?.console().send(&data))
+        });
+        method(m, "console_expect", |lua, this, (pattern, t): (Value, Value)| {
+            let pattern = args::text(&pattern, "pattern")?;
+            let t = match t {
+                Value::Nil => Value::Number(DEFAULT_EXPECT_SECONDS),
+                other => other,
+            };
+            let forever = Duration::from_secs_f64(args::FOREVER_SECONDS);
+            let t = args::timeout(&t, "expect timeout")?.unwrap_or(forever);
+            let found = core(this.get()?.console().expect(&pattern, t))?;
+            Ok(match_table(lua, found)?)
+        });
+
+        method(m, "registers", |lua, this, vcpu: Value| {
+            let regs = core(this.get()?.registers(args::vcpu(&vcpu)?))?;
+            Ok(lua.create_table_from(regs.to_pairs().into_iter().map(|(k, v)| (k, int(v))))?)
+        });
+        method(m, "register", |_, this, (vcpu, name): (Value, Value)| {
+            let vcpu = args::vcpu(&vcpu)?;
+            let name = register_name(&name)?;
+            Ok(int(core(core(this.get()?.registers(vcpu))?.get(&name))?))
+        });
+        method(m, "set_register", |_, this, (vcpu, name, value): (Value, Value, Value)| {
+            let vcpu = args::vcpu(&vcpu)?;
+            let name = register_name(&name)?;
+            let value = args::bits(&value, &format!("the value for register {name}"))?;
+            core(this.get()?.set_register(vcpu, &name, value))
+        });
+
+        method(m, "read_phys", |lua, this, (address, length): (Value, Value)| {
+            let address = args::bits(&address, "address")?;
+            let length = args::count(&length, "length")?;
+            this.check_length(length)?;
+            Ok(lua.create_string(core(this.get()?.read_phys(address, length))?)?)
+        });
+        method(m, "write_phys", |_, this, (address, data): (Value, Value)| {
+            let address = args::bits(&address, "address")?;
+            let data = args::bytes(&data, "data")?;
+            core(this.get()?.write_phys(address, &data))
+        });
+        method(m, "read_virt", |lua, this, (vcpu, address, length): (Value, Value, Value)| {
+            let vcpu = args::vcpu(&vcpu)?;
+            let address = args::bits(&address, "address")?;
+            let length = args::count(&length, "length")?;
+            this.check_length(length)?;
+            Ok(lua.create_string(core(this.get()?.read_virt(vcpu, address, length))?)?)
+        });
+        method(m, "write_virt", |_, this, (vcpu, address, data): (Value, Value, Value)| {
+            let vcpu = args::vcpu(&vcpu)?;
+            let address = args::bits(&address, "address")?;
+            let data = args::bytes(&data, "data")?;
+            core(this.get()?.write_virt(vcpu, address, &data))
+        });
+        method(m, "translate", |_, this, (vcpu, address): (Value, Value)| {
+            let vcpu = args::vcpu(&vcpu)?;
+            let address = args::bits(&address, "address")?;
+            Ok(int(core(this.get()?.translate(vcpu, address))?))
+        });
+        method(m, "stats", |lua, this, ()| Ok(args::stats(lua, &this.get()?.stats())?));
+    }
+}
+
+/// A register name; anything else is reported the way the core reports an unknown name.
+fn register_name(v: &Value) -> Res<String> {
+    match v {
+        Value::String(s) => Ok(s.to_string_lossy()),
+        other => {
+            Err(bad(format!("unknown register {}; known: {}", describe(other), vmcore::cpu::REGISTER_NAMES.join(", "))))
+        }
+    }
+}
+
+/// A console match for Lua: `start` and `end` are 1-based and inclusive, like `string.find`,
+/// so `vm.console.output_bytes:sub(m.start, m["end"]) == m.text` for ASCII output. `groups` holds
+/// the capture groups from 1 (`n` is their count; a group that did not take part is `nil`) and
+/// `named` the named groups that took part.
+fn match_table(lua: &Lua, found: vmcore::console::Match) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("text", found.text)?;
+    t.set("start", found.start as i64 + 1)?;
+    t.set("end", found.end as i64)?;
+    let groups = lua.create_table()?;
+    let named = lua.create_table()?;
+    let captures = found.groups.len().saturating_sub(1);
+    for (i, (group, name)) in found.groups.into_iter().zip(found.names).enumerate().skip(1) {
+        if let Some(text) = group {
+            if let Some(name) = name {
+                named.set(name, text.as_str())?;
+            }
+            groups.set(i, text)?;
+        }
+    }
+    groups.set("n", captures)?;
+    t.set("groups", groups)?;
+    t.set("named", named)?;
+    Ok(t)
+}
+
+/// The native module table passed to `vmcore.lua`.
+pub(crate) fn module(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set(
+        "new_vm",
+        lua.create_function(|lua, opts: Value| -> mlua::Result<MultiValue> { reply(lua, NativeVm::build(&opts)) })?,
+    )?;
+    t.set(
+        "parse_memory_size",
+        lua.create_function(|lua, text: Value| -> mlua::Result<MultiValue> {
+            let parsed = args::text(&text, "size").and_then(|s| core(parse_size(&s)).map(int));
+            reply(lua, parsed)
+        })?,
+    )?;
+    t.set("REGISTER_NAMES", lua.create_sequence_from(vmcore::cpu::REGISTER_NAMES.iter().copied())?)?;
+    t.set("version", env!("CARGO_PKG_VERSION"))?;
+    Ok(t)
+}

@@ -1,0 +1,152 @@
+-- Shared set-up for the Lua binding's busted specs: builds target/lua/vmcore.so with
+-- scripts/build-lua and puts it on package.cpath, builds the test guests into
+-- target/guests/ if they are missing, and reads them.
+
+local helper = {}
+
+-- The repo root, from this file's own path (tests/lua/helper.lua), so specs work from any cwd
+-- that finds this file.
+local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
+helper.root = here .. "/../.."
+helper.guest_dir = helper.root .. "/target/guests"
+
+local function exists(path)
+  local f = io.open(path, "rb")
+  if f then
+    f:close()
+  end
+  return f ~= nil
+end
+
+-- Quotes a string for sh.
+local function shell_quote(s)
+  return "'" .. s:gsub("'", [['\'']]) .. "'"
+end
+
+local function run(command)
+  local ok, how, code = os.execute(command)
+  assert(ok, ("%s failed (%s %s)"):format(command, how, code))
+end
+
+-- (Re)build the module once per run, so the specs never test a stale vmcore.so; cargo makes this
+-- a no-op when nothing changed. It keeps the profile of the last scripts/build-lua (debug unless
+-- that was --release). Its output is shown only if the build fails.
+do
+  local flags = ""
+  local f = io.open(helper.root .. "/target/lua/vmcore.profile", "r")
+  if f then
+    if f:read("l") == "release" then
+      flags = " --release"
+    end
+    f:close()
+  end
+  local log = os.tmpname()
+  local ok = os.execute(shell_quote(helper.root .. "/scripts/build-lua") .. flags .. " >" .. shell_quote(log) .. " 2>&1")
+  if not ok then
+    local f = io.open(log, "r")
+    io.stderr:write(f and f:read("a") or "")
+    if f then
+      f:close()
+    end
+  end
+  os.remove(log)
+  assert(ok, "scripts/build-lua failed (output above)")
+end
+package.cpath = helper.root .. "/target/lua/?.so;" .. package.cpath
+helper.vmcore = require("vmcore")
+
+-- Every guest the specs use; all are built together by tests/guests/Makefile.
+local GUESTS = {
+  "hello-real.bin", "hello-prot.bin", "hello-long.bin", "hello-prot.elf", "hello-long.elf",
+  "debug-exit.bin", "triple-fault.bin", "spin.bin", "echo.bin",
+}
+
+local built = false
+local function ensure_guests()
+  if built then
+    return
+  end
+  for _, name in ipairs(GUESTS) do
+    if not exists(helper.guest_dir .. "/" .. name) then
+      run("make -s -C " .. shell_quote(helper.root .. "/tests/guests"))
+      break
+    end
+  end
+  built = true
+end
+
+--- The path of a built guest.
+function helper.guest_path(name)
+  ensure_guests()
+  local path = helper.guest_dir .. "/" .. name
+  assert(exists(path), "guest " .. name .. " was not built (looked for " .. path .. ")")
+  return path
+end
+
+--- The bytes of a built guest.
+function helper.guest(name)
+  local f = assert(io.open(helper.guest_path(name), "rb"))
+  local data = f:read("a")
+  f:close()
+  return data
+end
+
+--- Writes `data` to a new temporary file and returns its path (removed by helper.cleanup()).
+local temporaries = {}
+function helper.temp_file(data)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "wb"))
+  f:write(data)
+  f:close()
+  temporaries[#temporaries + 1] = path
+  return path
+end
+
+function helper.cleanup()
+  for i, path in ipairs(temporaries) do
+    os.remove(path)
+    temporaries[i] = nil
+  end
+end
+
+--- A new VM with `code` loaded flat (defaults: 0x100000, long mode).
+function helper.flat_vm(name, opts, vm_opts)
+  local vm = helper.vmcore.Vm(vm_opts or { memory = "64M" })
+  vm:load_flat(helper.guest(name), opts)
+  return vm
+end
+
+--- Calls f(...) expecting it to raise; returns the error, checked to be a string.
+function helper.error_of(f, ...)
+  local ok, err = pcall(f, ...)
+  assert(not ok, "expected an error, got success")
+  assert(type(err) == "string", "expected a string error, got a " .. type(err))
+  return err
+end
+
+-- This Lua process's own pid: /proc/self read with io.open is the Lua process itself (io.popen
+-- would start another process, whose /proc/self is not ours).
+local function own_pid()
+  local f = assert(io.open("/proc/self/stat", "r"))
+  local stat = f:read("l")
+  f:close()
+  return assert(tonumber(stat:match("^(%d+)")))
+end
+helper.pid = own_pid()
+
+local function count_entries(dir)
+  local p = assert(io.popen("ls " .. shell_quote(dir) .. " | wc -l"))
+  local n = tonumber(p:read("a"):match("%d+"))
+  p:close()
+  return n
+end
+
+--- The number of threads and open file descriptors of this process.
+function helper.resources()
+  return {
+    threads = count_entries("/proc/" .. helper.pid .. "/task"),
+    fds = count_entries("/proc/" .. helper.pid .. "/fd"),
+  }
+end
+
+return helper
