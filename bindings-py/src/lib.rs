@@ -52,8 +52,10 @@ impl<T> IntoPy<T> for vmcore::Result<T> {
     }
 }
 
+/// Seconds from Python; `None` and infinity mean no limit.
 fn seconds(value: Option<f64>, what: &str) -> PyResult<Option<Duration>> {
     value
+        .filter(|s| *s != f64::INFINITY)
         .map(|s| {
             Duration::try_from_secs_f64(s)
                 .map_err(|_| PyValueError::new_err(format!("{what} must be a non-negative number of seconds, got {s}")))
@@ -91,7 +93,8 @@ impl NativeVm {
     /// Runs `wait` in slices with the GIL released, checking for Ctrl-C between slices. On a
     /// signal the VM is stopped before the exception propagates.
     fn wait_interruptibly(py: Python<'_>, vm: &Arc<Vm>, timeout: Option<Duration>) -> PyResult<Option<Outcome>> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too long to represent means no limit.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
             let slice = deadline.map_or(POLL, |d| d.saturating_duration_since(Instant::now()).min(POLL));
             let vm2 = vm.clone();
@@ -222,7 +225,7 @@ impl NativeVm {
         pattern: String,
         timeout: f64,
     ) -> PyResult<(String, usize, usize, Vec<Option<String>>, Vec<Option<String>>)> {
-        let timeout = seconds(Some(timeout), "timeout")?.expect("given");
+        let timeout = seconds(Some(timeout), "timeout")?.unwrap_or(Duration::MAX);
         let vm = self.get()?;
         let mut interrupt: Option<PyErr> = None;
         let result = py.detach(|| {

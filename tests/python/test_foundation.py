@@ -155,6 +155,20 @@ def test_physical_and_virtual_memory(vm, guests):
         vm.read_virt(0, 0x1_0000_0000, 1)
 
 
+def test_huge_timeouts_mean_no_limit_and_huge_reads_are_refused(vm, guests):
+    vm.load_flat(guests.bytes("spin.bin"))
+    vm.start(timeout=1e12)
+    assert vm.wait(timeout=0.05) is None
+    vm.console.expect("spinning", timeout=float("inf"))
+    assert vm.stop().reason == "stopped"
+    with pytest.raises(vmcore.GuestMemoryError, match="outside guest RAM"):
+        vm.read_phys(0, 1 << 60)
+    with pytest.raises(vmcore.GuestMemoryError, match="more than guest RAM"):
+        vm.read_virt(0, 0, 1 << 60)
+    with pytest.raises(ValueError, match="non-negative"):
+        vm.start(timeout=-1)
+
+
 def test_unhandled_ports_read_all_ones_and_are_counted(vm, guests):
     vm.load_flat(guests.bytes("ports.bin"))
     assert vm.run(timeout=5).reason == "halted"

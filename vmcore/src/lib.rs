@@ -22,6 +22,14 @@ pub mod paging;
 pub mod vm;
 
 pub use boot::CpuMode;
+
+use std::time::{Duration, Instant};
+
+/// When a wait of `timeout` ends: `None` (never) for no timeout, or for one too long to
+/// represent (a caller's "a billion seconds" means "no limit", not a panic).
+pub(crate) fn deadline(timeout: Option<Duration>) -> Option<Instant> {
+    timeout.and_then(|t| Instant::now().checked_add(t))
+}
 pub use error::{Error, Result};
 pub use outcome::{ExitReason, Outcome};
 pub use stats::ExitStats;

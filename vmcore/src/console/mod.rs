@@ -194,7 +194,7 @@ impl Console {
         let re = Regex::new(pattern)
             .map_err(|e| Error::Pattern { pattern: pattern.into(), reason: e.to_string() })?;
         let start = Instant::now();
-        let deadline = start + timeout;
+        let deadline = crate::deadline(Some(timeout));
         let mut st = lock(&self.shared.state);
         let mut searched_to = st.cursor;
         loop {
@@ -226,7 +226,7 @@ impl Console {
                 });
             }
             let now = Instant::now();
-            if now >= deadline {
+            if deadline.is_some_and(|d| now >= d) {
                 return Err(Error::ConsoleTimeout {
                     pattern: pattern.into(),
                     waited: now - start,
@@ -239,7 +239,7 @@ impl Console {
             st = self
                 .shared
                 .grew
-                .wait_timeout(st, (deadline - now).min(POLL))
+                .wait_timeout(st, deadline.map_or(POLL, |d| (d - now).min(POLL)))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
@@ -307,7 +307,7 @@ mod tests {
         assert!(err.to_string().contains("halted"), "{err}");
         assert!(matches!(c.expect("(", Duration::ZERO), Err(Error::Pattern { .. })));
         c.set_live(true, "running");
-        let err = c.expect_while("never", Duration::from_secs(60), || false).unwrap_err();
+        let err = c.expect_while("never", Duration::MAX, || false).unwrap_err();
         assert!(matches!(err, Error::Interrupted));
     }
 

@@ -64,7 +64,8 @@ impl GuestRam {
             .any(|&(start, rlen)| addr >= start && last < start + rlen)
     }
 
-    fn check(&self, addr: u64, len: usize) -> Result<()> {
+    /// Refuses a range that is not entirely RAM, naming the RAM ranges there are.
+    pub fn check(&self, addr: u64, len: usize) -> Result<()> {
         if self.contains(addr, len as u64) {
             return Ok(());
         }

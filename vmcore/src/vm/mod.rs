@@ -266,7 +266,7 @@ impl Vm {
         self.machine.stop.store(false, Ordering::Release);
         self.machine.console.set_live(true, "running");
         drop(st);
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = crate::deadline(timeout);
         // The vCPU threads start before the supervisor, so the guest does not wait for two
         // thread start-ups in a row; the supervisor gets their handles through a channel, and
         // if it cannot start, the handles are still here to stop and reap the threads.
@@ -295,7 +295,7 @@ impl Vm {
     /// Waits up to `timeout` (forever with `None`) for the run to end. Returns `None` if it is
     /// still running then.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<Option<Outcome>> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = crate::deadline(timeout);
         let mut st = lock(&self.machine.run);
         loop {
             match &st.phase {
@@ -379,6 +379,7 @@ impl Vm {
     }
 
     pub fn read_phys(&self, address: u64, len: usize) -> Result<Vec<u8>> {
+        self.machine.ram.check(address, len)?;
         let mut buf = vec![0u8; len];
         self.machine.ram.read(address, &mut buf)?;
         Ok(buf)
@@ -390,6 +391,9 @@ impl Vm {
 
     /// Reads guest-virtual memory as vCPU `vcpu` currently sees it.
     pub fn read_virt(&self, vcpu: usize, address: u64, len: usize) -> Result<Vec<u8>> {
+        if len as u64 > self.machine.ram.size() {
+            return Err(Error::Memory(format!("cannot read {len:#x} bytes: that is more than guest RAM")));
+        }
         let ctx = self.registers(vcpu)?.paging();
         let mut buf = vec![0u8; len];
         paging::read_virt(&self.machine.ram, &ctx, address, &mut buf)?;
