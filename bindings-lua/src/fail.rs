@@ -42,6 +42,7 @@ pub(crate) fn kind(err: &Error) -> &'static str {
         Error::ConsoleTimeout { .. } => "ConsoleTimeout",
         Error::ConsoleEnded { .. } => "ConsoleClosed",
         Error::Io { .. } => "VmIOError",
+        Error::Hook(_) => "HookError",
         Error::Interrupted => "VmError",
     }
 }

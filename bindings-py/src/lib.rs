@@ -4,6 +4,8 @@
 //! Python data (dicts, tuples, bytes), core errors become the exception classes defined in
 //! `vmcore/_errors.py`. Blocking calls release the GIL and wake every 100 ms to honour Ctrl-C.
 
+mod hooks;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +22,14 @@ const POLL: Duration = Duration::from_millis(100);
 
 /// Raises the `vmcore` exception class that matches a core error.
 fn to_py(py: Python<'_>, err: Error) -> PyErr {
+    // A hook's own exception is raised as it is, traceback included.
+    let err = match err {
+        Error::Hook(e) => match e.payload.map(|p| p.downcast::<PyErr>()) {
+            Some(Ok(py_err)) => return *py_err,
+            _ => Error::Hook(vmcore::hooks::HookError::new(e.message)),
+        },
+        other => other,
+    };
     let class = match &err {
         Error::KvmUnavailable(_) => "KvmUnavailableError",
         Error::Kvm { .. } => "KvmError",
@@ -31,6 +41,7 @@ fn to_py(py: Python<'_>, err: Error) -> PyErr {
         Error::ConsoleEnded { .. } => "ConsoleClosed",
         Error::Io { .. } => "VmIOError",
         Error::Interrupted => "VmError",
+        Error::Hook(_) => "HookError",
     };
     let message = err.to_string();
     match py.import("vmcore._errors").and_then(|m| m.getattr(class)) {
@@ -63,8 +74,23 @@ fn seconds(value: Option<f64>, what: &str) -> PyResult<Option<Duration>> {
         .transpose()
 }
 
-fn outcome_dict<'py>(py: Python<'py>, o: &Outcome) -> PyResult<Bound<'py, PyDict>> {
+/// The outcome as a dict for `vmcore.Outcome`. With `raise_hook_error`, a hook's exception
+/// (outcome "hook_error") is raised instead, once: the first waiter to see the outcome gets it.
+fn outcome_dict<'py>(py: Python<'py>, o: &Outcome, raise_hook_error: bool) -> PyResult<Bound<'py, PyDict>> {
+    let mut result = py.None();
+    if let Some(payload) = &o.payload {
+        let is_error = payload.peek(|p| p.is_some_and(|p| p.is::<PyErr>()));
+        if is_error && raise_hook_error {
+            if let Some(Ok(err)) = payload.take().map(|p| p.downcast::<PyErr>()) {
+                return Err(*err);
+            }
+        }
+        if let Some(obj) = payload.peek(|p| p.and_then(|p| p.downcast_ref::<Py<PyAny>>()).map(|o| o.clone_ref(py))) {
+            result = obj;
+        }
+    }
     let d = PyDict::new(py);
+    d.set_item("result", result)?;
     d.set_item("reason", o.reason.as_str())?;
     d.set_item("code", o.code)?;
     d.set_item("vcpu", o.vcpu)?;
@@ -152,7 +178,7 @@ impl NativeVm {
     }
 
     fn outcome<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
-        self.get()?.outcome().map(|o| outcome_dict(py, &o)).transpose()
+        self.get()?.outcome().map(|o| outcome_dict(py, &o, false)).transpose()
     }
 
     /// Returns (mode, entry address).
@@ -178,7 +204,7 @@ impl NativeVm {
     fn wait<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let timeout = seconds(timeout, "timeout")?;
         let vm = self.get()?;
-        Self::wait_interruptibly(py, &vm, timeout)?.map(|o| outcome_dict(py, &o)).transpose()
+        Self::wait_interruptibly(py, &vm, timeout)?.map(|o| outcome_dict(py, &o, true)).transpose()
     }
 
     #[pyo3(signature = (timeout=None))]
@@ -187,13 +213,13 @@ impl NativeVm {
         let vm = self.get()?;
         vm.start(timeout).py_err(py)?;
         let outcome = Self::wait_interruptibly(py, &vm, None)?.expect("an unbounded wait returns an outcome");
-        outcome_dict(py, &outcome)
+        outcome_dict(py, &outcome, true)
     }
 
     fn stop<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let vm = self.get()?;
         let outcome = py.detach(move || vm.stop()).py_err(py)?;
-        outcome.map(|o| outcome_dict(py, &o)).transpose()
+        outcome.map(|o| outcome_dict(py, &o, true)).transpose()
     }
 
     /// Stops the VM and frees everything it holds (threads, file descriptors, guest RAM).
@@ -280,6 +306,26 @@ impl NativeVm {
         self.get()?.translate(vcpu, address).py_err(py)
     }
 
+    /// Registers `callback(HookEvent)` for a hook `kind` ("io", "mmio", "msr", "cpuid", "cr",
+    /// "breakpoint", "step", "hlt", "shutdown", "exit") with its parameters; returns its id.
+    fn add_hook(&self, py: Python<'_>, kind: &str, params: &Bound<'_, PyDict>, callback: Py<PyAny>) -> PyResult<u64> {
+        let trigger = hooks::trigger(kind, params)?;
+        let id = self.get()?.add_hook(trigger, hooks::callback(callback)).py_err(py)?;
+        Ok(id.0)
+    }
+
+    /// Removes a hook by id; returns whether it was registered.
+    fn remove_hook(&self, py: Python<'_>, id: u64) -> PyResult<bool> {
+        self.get()?.remove_hook(vmcore::hooks::HookId(id)).py_err(py)
+    }
+
+    /// CPUID entries static hooks set that the host's KVM did not keep:
+    /// (vcpu, leaf, subleaf, wanted, kept) tuples.
+    #[allow(clippy::type_complexity)]
+    fn cpuid_ignored(&self) -> PyResult<Vec<(usize, u32, u32, [u32; 4], Option<[u32; 4]>)>> {
+        Ok(self.get()?.cpuid_ignored().into_iter().map(|c| (c.vcpu, c.leaf, c.subleaf, c.wanted, c.kept)).collect())
+    }
+
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.get()?.stats();
         let d = PyDict::new(py);
@@ -289,6 +335,13 @@ impl NativeVm {
         d.set_item("unhandled_port_writes", s.unhandled_port_writes.clone())?;
         d.set_item("unhandled_mmio_reads", s.unhandled_mmio_reads.clone())?;
         d.set_item("unhandled_mmio_writes", s.unhandled_mmio_writes.clone())?;
+        d.set_item("msr_reads", s.msr_reads.clone())?;
+        d.set_item("msr_writes", s.msr_writes.clone())?;
+        d.set_item("cpuid_leaves", s.cpuid_leaves.clone())?;
+        d.set_item("cr_accesses", s.cr_accesses.clone())?;
+        d.set_item("hook_events", s.hook_events.clone())?;
+        d.set_item("hook_calls", s.hook_calls)?;
+        d.set_item("hook_seconds", s.hook_time.as_secs_f64())?;
         Ok(d)
     }
 }
@@ -302,6 +355,7 @@ fn parse_memory_size(py: Python<'_>, text: &str) -> PyResult<u64> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeVm>()?;
+    m.add_class::<hooks::HookEvent>()?;
     m.add_function(wrap_pyfunction!(parse_memory_size, m)?)?;
     m.add("REGISTER_NAMES", vmcore::cpu::REGISTER_NAMES.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

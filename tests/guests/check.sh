@@ -51,6 +51,17 @@ LOADS
     grep -qaF "$4" "$f" || fail "$f does not contain \"$4\""
 }
 
+check_hook_elf() {   # name expected-message label: ELF64, loaded at >= 0x100000, label global
+    f=$out/$1.elf
+    if [ ! -s "$f" ]; then fail "$f missing or empty"; return; fi
+    readelf -h "$f" | grep -Eq "Class:[[:space:]]+ELF64\$" || fail "$f is not ELF64"
+    for paddr in $(readelf -lW "$f" | awk '$1 == "LOAD" { print $4 }'); do
+        [ $((paddr)) -ge $((0x100000)) ] || fail "$f: PT_LOAD at p_paddr $paddr < 0x100000"
+    done
+    nm "$f" | grep -Eq " T $3\$" || fail "$f lacks global symbol $3"
+    grep -qaF "$2" "$f" || fail "$f does not contain \"$2\""
+}
+
 check_bin hello-real   "hello from real mode"
 check_bin hello-prot   "hello from protected mode"
 check_bin hello-long   "hello from long mode"
@@ -63,6 +74,9 @@ check_bin demo         "Hello from a vmcore guest"
 check_bin bench-real   "vmcore bench"
 check_elf hello-prot ELF32 "Intel 80386"            "hello from elf32"
 check_elf hello-long ELF64 "Advanced Micro Devices X86-64" "hello from elf64"
+check_hook_elf cpuid "cpuid 40000100:" cpuid_site
+check_hook_elf cr    "cr8="            cr8_write
+check_hook_elf msr   "msr c0ffee="     rdmsr_site
 
 if [ "$fails" -ne 0 ]; then
     echo "guest check: $fails problem(s)" >&2

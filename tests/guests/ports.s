@@ -10,10 +10,11 @@
         in      $0x71, %al
         in      $0x71, %al
         cmp     $0xff, %al
-        jne     1f
+        jne     .Lnot_all_ones
         PUTS    all_ones
         HALT_FOREVER
-1:      PUTS    not_all_ones
+.Lnot_all_ones:
+        PUTS    not_all_ones
         HALT_FOREVER
         SERIAL_PUTS_FN
         STRING  all_ones, "unhandled read gave ff\n"

@@ -26,6 +26,15 @@ class Guests:
     def bytes(self, name: str) -> bytes:
         return self.path(name).read_bytes()
 
+    def symbol(self, name: str, symbol: str) -> int:
+        """The address of a global label in a guest ELF (from binutils' nm)."""
+        out = subprocess.run(["nm", str(self.path(name))], check=True, capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == symbol:
+                return int(parts[0], 16)
+        raise KeyError(f"{name} has no symbol {symbol}")
+
 
 @pytest.fixture(scope="session")
 def guests() -> Guests:

@@ -32,6 +32,10 @@ pub enum Error {
     /// `Console::expect` cannot match because the VM has ended.
     #[error("no match for {pattern:?}: the VM ended ({outcome}); console tail:\n{tail}")]
     ConsoleEnded { pattern: String, outcome: String, tail: String },
+    /// A hook failed outside a run (while building the CPUID table); the payload (for
+    /// example a Python exception) is inside.
+    #[error("a hook failed: {}", .0.message)]
+    Hook(crate::hooks::HookError),
     /// A wait was abandoned because the caller asked (for example, Ctrl-C in Python).
     #[error("interrupted")]
     Interrupted,

@@ -88,6 +88,11 @@ impl Payload {
     pub fn take(&self) -> Option<Box<dyn Any + Send>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
+
+    /// Looks at the payload without taking it.
+    pub fn peek<R>(&self, f: impl FnOnce(Option<&(dyn Any + Send)>) -> R) -> R {
+        f(self.0.lock().unwrap_or_else(|p| p.into_inner()).as_deref())
+    }
 }
 
 impl fmt::Debug for Payload {

@@ -18,6 +18,9 @@ pub struct ExitStats {
     /// RDMSR and WRMSR exits, by MSR index.
     pub msr_reads: BTreeMap<u32, u64>,
     pub msr_writes: BTreeMap<u32, u64>,
+    /// Instructions precise mode emulated: CPUID by leaf, control-register accesses by CR.
+    pub cpuid_leaves: BTreeMap<u32, u64>,
+    pub cr_accesses: BTreeMap<u8, u64>,
     /// Hook calls, by event kind, and the time spent in hooks.
     pub hook_events: BTreeMap<&'static str, u64>,
     pub hook_calls: u64,
@@ -43,6 +46,8 @@ impl ExitStats {
         add(&mut self.msr_reads, &other.msr_reads);
         add(&mut self.msr_writes, &other.msr_writes);
         add(&mut self.hook_events, &other.hook_events);
+        add(&mut self.cpuid_leaves, &other.cpuid_leaves);
+        add(&mut self.cr_accesses, &other.cr_accesses);
         self.hook_calls += other.hook_calls;
         self.hook_time += other.hook_time;
     }

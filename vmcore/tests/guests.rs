@@ -1,38 +1,13 @@
 //! Boots the test guests in tests/guests on KVM through the core API.
 //! Where /dev/kvm is absent every test here returns early, saying so on stderr.
 
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+mod common;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmcore::{CpuMode, Error, ExitReason, Vm, VmBuilder};
-
-fn guest(name: &str) -> Vec<u8> {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let status = std::process::Command::new("make")
-            .args(["-s", "-C"])
-            .arg(root.join("tests/guests"))
-            .status()
-            .expect("make runs");
-        assert!(status.success(), "building the test guests failed");
-        root.join("target/guests")
-    });
-    std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("guest {name}: {e}"))
-}
-
-fn kvm() -> bool {
-    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm is absent or not accessible; vmcore needs KVM to run guests");
-    }
-    ok
-}
-
-fn small_vm() -> Vm {
-    VmBuilder::new().memory(32 << 20).build().expect("a VM")
-}
+use common::{guest, kvm, small_vm};
+use vmcore::{CpuMode, Error, ExitReason, VmBuilder};
 
 const FIVE_SECONDS: Option<Duration> = Some(Duration::from_secs(5));
 

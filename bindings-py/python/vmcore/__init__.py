@@ -16,6 +16,7 @@ from ._errors import (
     ConsoleClosed,
     ConsoleTimeout,
     ExpectError,
+    HookError,
     GuestMemoryError,
     KvmError,
     KvmUnavailableError,
@@ -25,7 +26,7 @@ from ._errors import (
     VmStateError,
 )
 from ._native import __version__, parse_memory_size
-from ._vm import REGISTER_NAMES, Console, ConsoleMatch, Mode, Outcome, Registers, Vcpu, Vm
+from ._vm import REGISTER_NAMES, Console, ConsoleMatch, HookEvent, Mode, Outcome, Registers, Vcpu, Vm
 
 __all__ = [
     "Vm",
@@ -34,6 +35,8 @@ __all__ = [
     "Console",
     "ConsoleMatch",
     "Outcome",
+    "HookEvent",
+    "HookError",
     "Mode",
     "REGISTER_NAMES",
     "parse_memory_size",

@@ -14,6 +14,7 @@ __all__ = [
     "ConsoleTimeout",
     "ConsoleClosed",
     "VmIOError",
+    "HookError",
 ]
 
 
@@ -59,3 +60,7 @@ class ConsoleClosed(ExpectError):
 
 class VmIOError(VmError, OSError):
     """A host file could not be read or written (an image, a console log)."""
+
+
+class HookError(VmError):
+    """A hook failed where its own exception could not be raised as it is."""

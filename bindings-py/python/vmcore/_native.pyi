@@ -1,12 +1,33 @@
 """Type stubs for the native layer. Use the ``vmcore`` package, which wraps it."""
 
 from os import PathLike
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 __version__: str
 REGISTER_NAMES: List[str]
 
 def parse_memory_size(text: str) -> int: ...
+
+class HookEvent:
+    vcpu: int
+    rip: int
+    kind: str
+    instruction: str
+    is_write: Optional[bool]
+    port: Optional[int]
+    size: Optional[int]
+    address: Optional[int]
+    index: Optional[int]
+    leaf: Optional[int]
+    subleaf: Optional[int]
+    cr: Optional[int]
+    old: Optional[int]
+    reason: Optional[str]
+    value: Optional[int]
+    cpuid: Optional[Tuple[int, int, int, int]]
+    vetoed: bool
+    def veto(self) -> None: ...
+    def stop(self, result: Any = None) -> None: ...
 
 class NativeVm:
     def __new__(cls, memory: Union[int, str], vcpus: int, tee: Union[str, PathLike[str], None] = None) -> NativeVm: ...
@@ -40,4 +61,7 @@ class NativeVm:
     def read_virt(self, vcpu: int, address: int, length: int) -> bytes: ...
     def write_virt(self, vcpu: int, address: int, data: bytes) -> None: ...
     def translate(self, vcpu: int, address: int) -> int: ...
+    def add_hook(self, kind: str, params: Dict[str, Any], callback: Callable[[HookEvent], None]) -> int: ...
+    def remove_hook(self, id: int) -> bool: ...
+    def cpuid_ignored(self) -> List[Tuple[int, int, int, List[int], Optional[List[int]]]]: ...
     def stats(self) -> Dict[str, Any]: ...

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Literal, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Tuple, TypeVar, Union
 
 from . import _native
 
@@ -15,15 +16,7 @@ Mode = Literal["real", "protected", "long"]
 REGISTER_NAMES: Tuple[str, ...] = tuple(_native.REGISTER_NAMES)
 """Every register name :class:`Registers` understands."""
 
-_REASONS = (
-    "halted",
-    "shutdown",
-    "debug_exit",
-    "timeout",
-    "stopped",
-    "emulation_failure",
-    "internal_error",
-)
+Hook = TypeVar("Hook", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -32,8 +25,10 @@ class Outcome:
 
     ``reason`` is one of ``"halted"`` (every vCPU halted with interrupts off), ``"shutdown"``
     (triple fault), ``"debug_exit"`` (the guest wrote ``code`` to port 0xf4), ``"timeout"``,
-    ``"stopped"``, ``"emulation_failure"`` (``rip`` and ``instruction`` say where) and
-    ``"internal_error"`` (``detail`` says what).
+    ``"stopped"``, ``"emulation_failure"`` (``rip`` and ``instruction`` say where),
+    ``"internal_error"`` (``detail`` says what), ``"hook_stop"`` (a hook called
+    ``ev.stop(result)``: ``result`` is that object, ``code`` it when it is an int) and
+    ``"hook_error"`` (a hook raised; ``run()`` and ``wait()`` raise that exception).
     """
 
     reason: str
@@ -42,6 +37,7 @@ class Outcome:
     rip: Optional[int] = None
     instruction: bytes = b""
     detail: str = ""
+    result: Any = field(default=None, compare=False)
     summary: str = field(default="", compare=False)
 
     @property
@@ -86,6 +82,82 @@ class ConsoleMatch:
 
     def __getitem__(self, key: Union[int, str]) -> Optional[str]:
         return self.group(key)
+
+
+class HookEvent:
+    """What a hook is called with.
+
+    Always: ``kind`` (``"io"``, ``"mmio"``, ``"msr"``, ``"cpuid"``, ``"cr"``, ``"breakpoint"``,
+    ``"step"``, ``"hlt"``, ``"shutdown"``, ``"exit"``), ``vcpu``, ``rip``, ``vm``, ``regs`` (the
+    vCPU's registers, readable and writable from the hook). Per kind: ``port``/``size``/
+    ``is_write`` (io), ``address``/``size``/``is_write`` (mmio), ``index``/``is_write`` (msr),
+    ``leaf``/``subleaf`` (cpuid), ``cr``/``old``/``is_write`` (cr), ``address`` (breakpoint),
+    ``reason`` (exit), ``instruction`` (the instruction text, where precise mode decoded it).
+
+    ``value`` is the value written (writes) or the value supplied (reads, None until a hook
+    supplies one); assign it to rewrite a write or supply a read. ``veto()`` drops a write;
+    ``stop(result)`` ends the run with outcome ``"hook_stop"``.
+    """
+
+    __slots__ = ("_native", "_vm")
+
+    def __init__(self, native: "_native.HookEvent", vm: "Vm") -> None:
+        self._native = native
+        self._vm = vm
+
+    @property
+    def vm(self) -> "Vm":
+        return self._vm
+
+    @property
+    def regs(self) -> "Registers":
+        return self._vm.vcpus[self._native.vcpu].regs
+
+    @property
+    def value(self) -> Optional[int]:
+        return self._native.value
+
+    @value.setter
+    def value(self, value: Optional[int]) -> None:
+        self._native.value = None if value is None else int(value) & 0xFFFF_FFFF_FFFF_FFFF
+
+    def veto(self) -> None:
+        """Drops the write: it never reaches the device, MSR or control register."""
+        self._native.veto()
+
+    def stop(self, result: Any = None) -> None:
+        """Ends the run after this event; ``result`` becomes ``outcome.result``."""
+        self._native.stop(result)
+
+    def read_virt(self, address: int, length: int) -> bytes:
+        """Reads guest-virtual memory through this vCPU's page tables."""
+        return self._vm.read_virt(self._native.vcpu, address, length)
+
+    def read_phys(self, address: int, length: int) -> bytes:
+        return self._vm.read_phys(address, length)
+
+    def write_phys(self, address: int, data: bytes) -> None:
+        self._vm.write_phys(address, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._native, name)
+
+    def __repr__(self) -> str:
+        return repr(self._native)
+
+
+def _supplied_value(answer: Any) -> int:
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        raise TypeError(f"a read hook returns an int (the value) or None, not {answer!r}")
+    return answer & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _cpuid_answer(answer: Any) -> Tuple[int, int, int, int]:
+    try:
+        eax, ebx, ecx, edx = (int(r) & 0xFFFF_FFFF for r in answer)
+    except (TypeError, ValueError):
+        raise TypeError(f"a CPUID hook returns (eax, ebx, ecx, edx) or None, not {answer!r}") from None
+    return eax, ebx, ecx, edx
 
 
 class Console:
@@ -226,6 +298,7 @@ class Vm:
         tee: Union[str, "os.PathLike[str]", None] = None,
     ) -> None:
         self._native = _native.NativeVm(memory, vcpus, None if tee is None else os.fspath(tee))
+        self._hook_ids: Dict[Callable[..., Any], List[int]] = {}
         self._console = Console(self._native)
         self._vcpus = tuple(Vcpu(self._native, i) for i in range(self._native.vcpu_count))
 
@@ -296,6 +369,95 @@ class Vm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def _hook(self, kind: str, **params: Any) -> Callable[[Hook], Hook]:
+        vm_ref = weakref.ref(self)
+
+        def register(fn: Hook) -> Hook:
+            def call(native_event: "_native.HookEvent") -> None:
+                vm = vm_ref()
+                if vm is None:
+                    return
+                event = HookEvent(native_event, vm)
+                answer = fn(event)
+                if answer is None:
+                    return
+                if native_event.kind == "cpuid":
+                    native_event.cpuid = _cpuid_answer(answer)
+                elif native_event.is_write is False:
+                    native_event.value = _supplied_value(answer)
+
+            hook_id = self._native.add_hook(kind, params, call)
+            self._hook_ids.setdefault(fn, []).append(hook_id)
+            return fn
+
+        return register
+
+    def on_cpuid(self, leaf: int, subleaf: Optional[int] = None, precise: bool = False) -> Callable[[Hook], Hook]:
+        """Decorator: ``fn(ev)`` answers CPUID ``leaf`` (and ``subleaf``) with a 4-tuple
+        ``(eax, ebx, ecx, edx)``, or None to pass through.
+
+        Static (default): asked once per vCPU before the first run to build the CPUID table,
+        at no cost while the guest runs; :meth:`cpuid_ignored` lists entries the host's KVM did
+        not keep. ``precise=True``: called for every CPUID the guest executes, with its ``rip``
+        (single-steps the guest while such a hook exists).
+        """
+        return self._hook("cpuid", leaf=leaf, subleaf=subleaf, precise=precise)
+
+    def on_cr(self, cr: int, write: Optional[bool] = True) -> Callable[[Hook], Hook]:
+        """Decorator: ``fn(ev)`` on ``mov`` to (``write=True``) or from (``write=False``)
+        control register ``cr`` (0, 2, 3, 4 or 8; also ``clts``, ``lmsw``, ``smsw`` for CR0), both
+        with ``write=None``. ``ev.old`` is the current value, ``ev.value`` the new one: assign it
+        to rewrite, ``ev.veto()`` to drop the write; a read hook returns the value to read.
+        Precise: the guest is single-stepped while such a hook exists.
+        """
+        return self._hook("cr", cr=cr, write=write)
+
+    def on_msr(self, index: int, write: Optional[bool] = False) -> Callable[[Hook], Hook]:
+        """Decorator: ``fn(ev)`` on RDMSR (``write=False``, return the value or None) or WRMSR
+        (``write=True``: ``ev.value``, ``ev.veto()``) of MSR ``index``; both with ``write=None``.
+        Works for MSRs the host does not know; up to 16 MSRs."""
+        return self._hook("msr", index=index, write=write)
+
+    def on_io(self, port: int, size: int = 1, write: Optional[bool] = None) -> Callable[[Hook], Hook]:
+        """Decorator: ``fn(ev)`` on IN/OUT to ports ``port .. port+size-1`` (reads and writes
+        unless ``write`` says which). A read hook returns the value or None (then the device,
+        or all-ones, answers); a write hook may assign ``ev.value`` or call ``ev.veto()``."""
+        return self._hook("io", port=port, size=size, write=write)
+
+    def on_mmio(self, address: int, size: int, write: Optional[bool] = None) -> Callable[[Hook], Hook]:
+        """Decorator: ``fn(ev)`` on MMIO to ``[address, address+size)`` where no RAM is mapped;
+        like :meth:`on_io`."""
+        return self._hook("mmio", address=address, size=size, write=write)
+
+    def on_breakpoint(self, address: int) -> Callable[[Hook], Hook]:
+        """Decorator: ``fn(ev)`` when execution reaches ``address`` (a hardware breakpoint; at
+        most four addresses)."""
+        return self._hook("breakpoint", address=address)
+
+    def on_step(self) -> Callable[[Hook], Hook]:
+        """Decorator: ``fn(ev)`` after every instruction (single-step); ``ev.rip`` is the next."""
+        return self._hook("step")
+
+    def on_shutdown(self) -> Callable[[Hook], Hook]:
+        """Decorator: ``fn(ev)`` on a triple fault, before the run ends with ``"shutdown"``."""
+        return self._hook("shutdown")
+
+    def on_exit(self) -> Callable[[Hook], Hook]:
+        """Decorator: ``fn(ev)`` on every exit from KVM (``ev.reason`` names it)."""
+        return self._hook("exit")
+
+    def remove_hook(self, fn: Callable[..., Any]) -> bool:
+        """Removes every hook ``fn`` was registered for; returns whether there was one."""
+        ids = self._hook_ids.pop(fn, [])
+        return any([self._native.remove_hook(i) for i in ids])
+
+    def cpuid_ignored(self) -> List[Tuple[int, int, int, Tuple[int, ...], Optional[Tuple[int, ...]]]]:
+        """Static CPUID entries the host's KVM did not keep, as (vcpu, leaf, subleaf, wanted,
+        kept): use ``precise=True`` for those leaves. Known after the first start."""
+        return [(v, l, s, tuple(w), None if k is None else tuple(k)) for v, l, s, w, k in self._native.cpuid_ignored()]
 
     # -- state -------------------------------------------------------------------------------
 

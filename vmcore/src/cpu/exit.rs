@@ -21,7 +21,7 @@ pub(crate) enum Exit {
     MmioWrite { address: u64, data: Vec<u8> },
     MsrRead { index: u32 },
     MsrWrite { index: u32, value: u64 },
-    Debug { exception: u32, pc: u64 },
+    Debug { exception: u32, pc: u64, dr6: u64 },
     Hlt,
     Shutdown,
     InternalError,
@@ -40,7 +40,7 @@ impl Exit {
             VcpuExit::MmioWrite(address, data) => Exit::MmioWrite { address, data: data.to_vec() },
             VcpuExit::X86Rdmsr(msr) => Exit::MsrRead { index: msr.index },
             VcpuExit::X86Wrmsr(msr) => Exit::MsrWrite { index: msr.index, value: msr.data },
-            VcpuExit::Debug(d) => Exit::Debug { exception: d.exception, pc: d.pc },
+            VcpuExit::Debug(d) => Exit::Debug { exception: d.exception, pc: d.pc, dr6: d.dr6 },
             VcpuExit::Hlt => Exit::Hlt,
             VcpuExit::Shutdown => Exit::Shutdown,
             VcpuExit::InternalError => Exit::InternalError,
@@ -148,7 +148,7 @@ pub(crate) enum Flow {
     /// KVM_EXIT_INTERNAL_ERROR: the vCPU reads the details from its kvm_run.
     InternalError,
     /// A debug exit, for the vCPU's stepping and breakpoint machinery.
-    Debug { exception: u32, pc: u64 },
+    Debug { pc: u64, dr6: u64 },
 }
 
 /// The default MSR behaviour when no hook decides: the vCPU performs the access itself.
@@ -235,10 +235,13 @@ pub(crate) fn dispatch(exit: &Exit, rip: u64, env: &VcpuEnv, msrs: &dyn MsrAcces
         Exit::MsrWrite { index, value } => {
             *stats.msr_writes.entry(*index).or_default() += 1;
             drop(stats);
-            let ok = vetoed || msrs.write_msr(*index, rewritten.unwrap_or(*value));
+            // A write a hook saw is accepted even where the host has no such MSR: the hook is
+            // the MSR. Unhooked, KVM's refusal becomes the #GP the guest would get anyway.
+            let hooked = event.as_ref().is_some_and(|ev| env.hooks.wants(&ev.kind));
+            let ok = vetoed || msrs.write_msr(*index, rewritten.unwrap_or(*value)) || hooked;
             (Flow::Resume, Completion::Msr { value: 0, fault: !ok })
         }
-        Exit::Debug { exception, pc } => (Flow::Debug { exception: *exception, pc: *pc }, Completion::Nothing),
+        Exit::Debug { pc, dr6, .. } => (Flow::Debug { pc: *pc, dr6: *dr6 }, Completion::Nothing),
         // Only seen without an in-kernel local APIC; vmcore always has one, but a HLT exit
         // still means what it says.
         Exit::Hlt => (Flow::End(Outcome::new(ExitReason::Halted)), Completion::Nothing),

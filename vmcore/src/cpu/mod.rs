@@ -4,9 +4,10 @@
 pub mod cpuid;
 pub mod entry;
 mod exit;
+pub mod precise;
 pub mod kick;
 pub mod regs;
 mod vcpu;
 
 pub use regs::{RegisterFile, REGISTER_NAMES};
-pub use vcpu::{Vcpu, VcpuEnv, VcpuStatus};
+pub use vcpu::{Vcpu, VcpuEnv, VcpuStatus, MAX_BREAKPOINTS};

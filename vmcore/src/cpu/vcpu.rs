@@ -2,17 +2,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use kvm_bindings::{
-    kvm_msr_entry, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
-    KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_SYNC_X86_REGS,
+    kvm_guest_debug, kvm_msr_entry, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_SYNC_X86_REGS,
 };
 use kvm_ioctls::{SyncReg, VcpuFd, VmFd};
 
-use super::exit::{complete, dispatch, Exit, Flow, MsrAccess};
+use super::exit::{call_hooks, complete, dispatch, Exit, Flow, MsrAccess};
+use super::precise::{self, Intercept};
 use super::kick::ArmedThread;
 use super::regs::RegisterFile;
 use crate::boot::EntryPoint;
 use crate::devices::{lock, IoBus};
-use crate::hooks::Hooks;
+use crate::hooks::{Event, EventKind, HookError, Hooks, Trigger};
 use crate::memory::GuestRam;
 use crate::outcome::{ExitReason, Outcome};
 use crate::paging;
@@ -20,6 +23,8 @@ use crate::stats::ExitStats;
 use crate::{Error, Result};
 
 const RFLAGS_IF: u64 = 1 << 9;
+/// x86 has four debug address registers.
+pub const MAX_BREAKPOINTS: usize = 4;
 
 /// What a running vCPU shares with the thread that supervises it.
 #[derive(Default)]
@@ -50,7 +55,67 @@ pub struct VcpuEnv<'a> {
 pub struct Vcpu {
     index: usize,
     fd: VcpuFd,
+    /// The CPUID table KVM has for this vCPU (what a passed-through CPUID answers).
+    cpuid: CpuId,
+    /// Whether KVM keeps registers in kvm_run after every exit (KVM_CAP_SYNC_REGS).
+    sync_regs: bool,
 }
+
+/// How KVM's guest debugging must be armed for the hooks that exist.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct DebugPlan {
+    /// Precise CPUID or control-register hooks: look at every instruction before it runs.
+    precise: bool,
+    step_hooks: bool,
+    breakpoints: Vec<u64>,
+}
+
+impl DebugPlan {
+    fn single_step(&self) -> bool {
+        self.precise || self.step_hooks
+    }
+
+    fn for_triggers(triggers: &[Trigger]) -> DebugPlan {
+        let mut plan = DebugPlan::default();
+        for t in triggers {
+            match t {
+                Trigger::Cpuid { precise: true, .. } | Trigger::Cr { .. } => plan.precise = true,
+                Trigger::Step => plan.step_hooks = true,
+                Trigger::Breakpoint { address } if !plan.breakpoints.contains(address) => plan.breakpoints.push(*address),
+                _ => {}
+            }
+        }
+        plan
+    }
+}
+
+/// How the loop continues after an instruction precise mode looked at.
+enum Emulated {
+    /// No hook wants it: let the guest run it.
+    NotHooked,
+    Done,
+    End(Outcome),
+}
+
+type Guard<'a> = std::sync::MutexGuard<'a, Vcpu>;
+
+/// Runs `f` with the vCPU unlocked (hooks may then use it through the VM), and locks it again.
+fn unlocked<'a, T>(slot: &'a Mutex<Vcpu>, guard: Guard<'a>, f: impl FnOnce() -> T) -> (Guard<'a>, T) {
+    drop(guard);
+    let result = f();
+    (lock(slot), result)
+}
+
+/// A hook's failure or stop request, as the outcome it ends the run with.
+fn hook_outcome(result: Result<(), HookError>, event: &mut Event) -> Option<Outcome> {
+    match result {
+        Err(e) => Some(Outcome::hook_error(e)),
+        Ok(()) => event.take_stop().map(Outcome::hook_stop),
+    }
+}
+
+const DR6_BREAKPOINTS: u64 = 0xF;
+const DR6_SINGLE_STEP: u64 = 1 << 14;
 
 impl Vcpu {
     pub fn new(vm: &VmFd, index: usize, cpuid: &CpuId) -> Result<Vcpu> {
@@ -58,10 +123,11 @@ impl Vcpu {
         fd.set_cpuid2(cpuid).map_err(Error::kvm("SET_CPUID2"))?;
         // KVM copies the general registers into kvm_run on every exit, so hooks learn RIP
         // without an ioctl. Hosts without the capability fall back to KVM_GET_REGS.
-        if vm.check_extension(kvm_ioctls::Cap::SyncRegs) {
+        let sync_regs = vm.check_extension(kvm_ioctls::Cap::SyncRegs);
+        if sync_regs {
             fd.set_sync_valid_reg(SyncReg::Register);
         }
-        Ok(Vcpu { index, fd })
+        Ok(Vcpu { index, fd, cpuid: cpuid.clone(), sync_regs })
     }
 
     pub fn index(&self) -> usize {
@@ -102,14 +168,60 @@ impl Vcpu {
     pub fn run(slot: &Mutex<Vcpu>, env: &VcpuEnv) -> Option<Outcome> {
         let mut vcpu = lock(slot);
         let _armed = ArmedThread::arm(vcpu.fd.get_kvm_run());
+        let mut plan = DebugPlan::default();
+        let mut armed_generation = None;
+        // After a breakpoint, one instruction is stepped with breakpoints off so it does not
+        // fire again at once.
+        let mut stepping_over = false;
+        // Whether kvm_run holds this vCPU's current registers (no hook or emulation since).
+        let mut synced = false;
+        // A single-stepped HLT traps at once instead of blocking, so a guest halted with
+        // interrupts off would spin through debug exits and never look halted. Such a HLT runs
+        // with single-step off; it can only be woken by NMI or INIT, and the next real exit
+        // arms single-step again.
+        let mut halting = false;
         loop {
             if env.stop.load(Ordering::Acquire) {
                 return None;
             }
+            let generation = env.hooks.generation();
+            if armed_generation != Some(generation) {
+                plan = DebugPlan::for_triggers(&env.hooks.triggers());
+                if let Err(e) = vcpu.arm_debug(&plan, stepping_over, halting) {
+                    return Some(vcpu.locate(Outcome::internal(e.to_string())));
+                }
+                armed_generation = Some(generation);
+            }
+            if plan.single_step() && !stepping_over && !halting {
+                if let Some((rf, decoded)) = vcpu.next_intercept(env.ram, synced) {
+                    let emulated;
+                    if decoded.intercept == Intercept::Hlt {
+                        emulated = Emulated::NotHooked;
+                        if rf.regs.rflags & RFLAGS_IF == 0 {
+                            halting = true;
+                            if let Err(e) = vcpu.arm_debug(&plan, stepping_over, halting) {
+                                return Some(vcpu.locate(Outcome::internal(e.to_string())));
+                            }
+                        }
+                    } else {
+                        (vcpu, emulated) = Vcpu::emulate(slot, vcpu, env, rf, &decoded);
+                    }
+                    match emulated {
+                        Emulated::NotHooked => {}
+                        Emulated::Done => {
+                            synced = false;
+                            continue;
+                        }
+                        Emulated::End(outcome) => return Some(vcpu.locate(outcome)),
+                    }
+                }
+            }
+            let has_sync_regs = vcpu.sync_regs;
             let exit = match vcpu.fd.run() {
                 Ok(exit) => {
                     env.status.exits.fetch_add(1, Ordering::Relaxed);
                     env.status.parked.store(false, Ordering::Relaxed);
+                    synced = has_sync_regs;
                     Exit::capture(exit)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -124,18 +236,21 @@ impl Vcpu {
                 }
                 Err(e) => return Some(vcpu.locate(Outcome::internal(format!("KVM_RUN failed: {e}")))),
             };
-            let hooked = !env.hooks.is_empty();
-            let rip = if hooked { vcpu.exit_rip() } else { 0 };
-            let handled = if hooked {
-                // Hooks run with the vCPU unlocked; MSR defaults still need it, so they lock it
-                // briefly themselves.
-                drop(vcpu);
-                let handled = dispatch(&exit, rip, env, &LockedMsrs(slot));
-                vcpu = lock(slot);
-                handled
+            if halting {
+                halting = false;
+                if let Err(e) = vcpu.arm_debug(&plan, stepping_over, halting) {
+                    return Some(vcpu.locate(Outcome::internal(e.to_string())));
+                }
+            }
+            let handled;
+            if env.hooks.is_empty() {
+                handled = dispatch(&exit, 0, env, &*vcpu);
             } else {
-                dispatch(&exit, rip, env, &*vcpu)
-            };
+                let rip = vcpu.exit_rip();
+                // MSR defaults need the vCPU, so they lock it briefly themselves.
+                (vcpu, handled) = unlocked(slot, vcpu, || dispatch(&exit, rip, env, &LockedMsrs(slot)));
+                synced = false;
+            }
             let (flow, completion) = match handled {
                 Ok(handled) => handled,
                 Err(e) => return Some(vcpu.locate(Outcome::hook_error(e))),
@@ -148,13 +263,172 @@ impl Vcpu {
                     let outcome = vcpu.internal_error(env.ram);
                     return Some(vcpu.locate(outcome));
                 }
-                Flow::Debug { exception, pc } => {
-                    return Some(vcpu.locate(Outcome::internal(format!(
-                        "unexpected debug exit (exception {exception}, pc {pc:#x})"
-                    ))))
+                Flow::Debug { pc, dr6 } => {
+                    let breakpoint = dr6 & DR6_BREAKPOINTS != 0
+                        || (dr6 & DR6_SINGLE_STEP == 0 && plan.breakpoints.contains(&pc));
+                    let kind = if stepping_over {
+                        None
+                    } else if breakpoint {
+                        Some(EventKind::Breakpoint { address: pc })
+                    } else if plan.step_hooks {
+                        Some(EventKind::Step)
+                    } else {
+                        None
+                    };
+                    if let Some(kind) = kind {
+                        let mut event = Event::new(env.index, pc, kind, None);
+                        let result;
+                        (vcpu, result) = unlocked(slot, vcpu, || call_hooks(env, &mut event));
+                        synced = false;
+                        if let Some(outcome) = hook_outcome(result, &mut event) {
+                            return Some(vcpu.locate(outcome));
+                        }
+                    }
+                    if stepping_over != breakpoint {
+                        stepping_over = breakpoint;
+                        if let Err(e) = vcpu.arm_debug(&plan, stepping_over, halting) {
+                            return Some(vcpu.locate(Outcome::internal(e.to_string())));
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// Arms KVM_SET_GUEST_DEBUG for `plan`. While `stepping_over` a breakpoint, breakpoints
+    /// are off and one instruction is stepped; while `halting`, single-step is off.
+    fn arm_debug(&mut self, plan: &DebugPlan, stepping_over: bool, halting: bool) -> Result<()> {
+        if plan.breakpoints.len() > MAX_BREAKPOINTS {
+            return Err(Error::Config(format!("at most {MAX_BREAKPOINTS} breakpoints (x86 has four debug registers)")));
+        }
+        let mut debug = kvm_guest_debug::default();
+        let single_step = (plan.single_step() || stepping_over) && !halting;
+        let breakpoints = !plan.breakpoints.is_empty() && !stepping_over;
+        if single_step || breakpoints {
+            debug.control = KVM_GUESTDBG_ENABLE;
+        }
+        if single_step {
+            debug.control |= KVM_GUESTDBG_SINGLESTEP;
+        }
+        if breakpoints {
+            debug.control |= KVM_GUESTDBG_USE_HW_BP;
+            for (i, address) in plan.breakpoints.iter().enumerate() {
+                debug.arch.debugreg[i] = *address;
+                debug.arch.debugreg[7] |= 1 << (2 * i); // local enable, execute, 1 byte
+            }
+        }
+        self.fd.set_guest_debug(&debug).map_err(Error::kvm("SET_GUEST_DEBUG"))?;
+        // Precise mode reads CS and the paging registers before every instruction.
+        if self.sync_regs {
+            if plan.precise {
+                self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
+            } else {
+                self.fd.clear_sync_valid_reg(SyncReg::SystemRegister);
+            }
+        }
+        Ok(())
+    }
+
+    /// The registers now and the instruction at RIP, if it is one precise mode takes.
+    fn next_intercept(&self, ram: &GuestRam, synced: bool) -> Option<(RegisterFile, precise::Decoded)> {
+        let rf = if synced {
+            let s = self.fd.sync_regs();
+            RegisterFile { regs: s.regs, sregs: s.sregs }
+        } else {
+            self.registers().ok()?
+        };
+        let mut bytes = [0u8; 15];
+        let n = fetch_code(ram, &rf, &mut bytes);
+        let decoded = precise::decode(&bytes[..n], precise::bitness(&rf), rf.regs.rip)?;
+        Some((rf, decoded))
+    }
+
+    /// Runs the hooks for an intercepted instruction and performs it as they decided.
+    fn emulate<'a>(
+        slot: &'a Mutex<Vcpu>,
+        vcpu: Guard<'a>,
+        env: &VcpuEnv,
+        rf: RegisterFile,
+        decoded: &precise::Decoded,
+    ) -> (Guard<'a>, Emulated) {
+        let (kind, value) = match decoded.intercept {
+            Intercept::Cpuid => (EventKind::Cpuid { leaf: rf.regs.rax as u32, subleaf: rf.regs.rcx as u32 }, None),
+            Intercept::CrWrite { cr, kind } => (
+                EventKind::Cr { cr, write: true, old: precise::cr_value(&rf, cr) },
+                Some(precise::cr_write_value(&rf, kind)),
+            ),
+            Intercept::CrRead { cr, .. } => (EventKind::Cr { cr, write: false, old: precise::cr_value(&rf, cr) }, None),
+            Intercept::Hlt => return (vcpu, Emulated::NotHooked),
+        };
+        if !env.hooks.wants(&kind) {
+            return (vcpu, Emulated::NotHooked);
+        }
+        {
+            let mut stats = lock(env.stats);
+            stats.count_exit("emulated");
+            match &kind {
+                EventKind::Cpuid { leaf, .. } => *stats.cpuid_leaves.entry(*leaf).or_default() += 1,
+                EventKind::Cr { cr, .. } => *stats.cr_accesses.entry(*cr).or_default() += 1,
+                _ => {}
+            }
+        }
+        let mut event = Event::new(env.index, rf.regs.rip, kind, value);
+        event.instruction = decoded.text.clone();
+        let (vcpu, result) = unlocked(slot, vcpu, || call_hooks(env, &mut event));
+        if let Some(outcome) = hook_outcome(result, &mut event) {
+            return (vcpu, Emulated::End(outcome));
+        }
+        // Hooks may have changed registers through the VM: start from what KVM has now.
+        let mut now = match vcpu.registers() {
+            Ok(now) => now,
+            Err(e) => return (vcpu, Emulated::End(Outcome::internal(e.to_string()))),
+        };
+        let mut sregs_changed = false;
+        match (decoded.intercept, &event.kind) {
+            (Intercept::Cpuid, EventKind::Cpuid { leaf, subleaf }) => {
+                let [a, b, c, d] = event.cpuid.unwrap_or_else(|| vcpu.cpuid_answer(*leaf, *subleaf));
+                (now.regs.rax, now.regs.rbx, now.regs.rcx, now.regs.rdx) = (a.into(), b.into(), c.into(), d.into());
+            }
+            (Intercept::CrWrite { cr, .. }, _) => {
+                if !event.is_vetoed() {
+                    precise::set_cr(&mut now, cr, event.value.unwrap_or_default());
+                    sregs_changed = true;
+                }
+            }
+            (Intercept::CrRead { cr, dst }, _) => {
+                let value = event.value.unwrap_or_else(|| precise::cr_value(&now, cr));
+                precise::write_gpr(&mut now.regs, dst, value);
+            }
+            _ => {}
+        }
+        now.regs.rip = now.regs.rip.wrapping_add(decoded.len);
+        let written = if sregs_changed { vcpu.set_registers(&now) } else { vcpu.fd.set_regs(&now.regs).map_err(Error::kvm("SET_REGS")) };
+        match written {
+            Ok(()) => (vcpu, Emulated::Done),
+            Err(e) => (vcpu, Emulated::End(Outcome::internal(e.to_string()))),
+        }
+    }
+
+    /// What CPUID returns for (`leaf`, `subleaf`) from this vCPU's table: the entry for the
+    /// subleaf where the leaf has subleaves, zeros where the table has no entry.
+    fn cpuid_answer(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        self.cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == leaf && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf))
+            .map_or([0; 4], |e| [e.eax, e.ebx, e.ecx, e.edx])
+    }
+
+    /// This vCPU's CPUID table.
+    pub fn cpuid(&self) -> &CpuId {
+        &self.cpuid
+    }
+
+    /// Replaces the CPUID table (before the first run) and returns what KVM reads back.
+    pub fn set_cpuid(&mut self, table: &CpuId) -> Result<CpuId> {
+        self.fd.set_cpuid2(table).map_err(Error::kvm("SET_CPUID2"))?;
+        self.cpuid = table.clone();
+        self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("GET_CPUID2"))
     }
 
     fn is_parked(&self) -> bool {
@@ -243,5 +517,21 @@ impl MsrAccess for LockedMsrs<'_> {
 
     fn write_msr(&self, index: u32, value: u64) -> bool {
         lock(self.0).write_msr(index, value)
+    }
+}
+
+/// Reads up to 15 instruction bytes at the vCPU's RIP; fewer where the code ends at an
+/// unmapped page.
+fn fetch_code(ram: &GuestRam, rf: &RegisterFile, buf: &mut [u8; 15]) -> usize {
+    let ctx = rf.paging();
+    let linear = rf.linear_rip();
+    if paging::read_virt(ram, &ctx, linear, buf).is_ok() {
+        return buf.len();
+    }
+    let to_page_end = (0x1000 - (linear & 0xFFF)) as usize;
+    let n = to_page_end.min(buf.len());
+    match paging::read_virt(ram, &ctx, linear, &mut buf[..n]) {
+        Ok(()) => n,
+        Err(_) => 0,
     }
 }

@@ -42,7 +42,10 @@ pub enum EventKind {
     Io { port: u16, size: u8, write: bool },
     Mmio { address: u64, size: u8, write: bool },
     Msr { index: u32, write: bool },
+    /// A CPUID the guest executes (precise hooks only).
     Cpuid { leaf: u32, subleaf: u32 },
+    /// An entry of the CPUID table built before the first run (static hooks only).
+    CpuidTable { leaf: u32, subleaf: u32 },
     Cr { cr: u8, write: bool, old: u64 },
     Breakpoint { address: u64 },
     Step,
@@ -57,7 +60,7 @@ impl EventKind {
             EventKind::Io { .. } => "io",
             EventKind::Mmio { .. } => "mmio",
             EventKind::Msr { .. } => "msr",
-            EventKind::Cpuid { .. } => "cpuid",
+            EventKind::Cpuid { .. } | EventKind::CpuidTable { .. } => "cpuid",
             EventKind::Cr { .. } => "cr",
             EventKind::Breakpoint { .. } => "breakpoint",
             EventKind::Step => "step",
@@ -89,7 +92,10 @@ impl EventKind {
             (EventKind::Msr { index, write }, Trigger::Msr { index: i, reads, writes }) => {
                 index == i && if *write { *writes } else { *reads }
             }
-            (EventKind::Cpuid { leaf, subleaf }, Trigger::Cpuid { leaf: l, subleaf: s, .. }) => {
+            (EventKind::Cpuid { leaf, subleaf }, Trigger::Cpuid { leaf: l, subleaf: s, precise: true }) => {
+                leaf == l && s.is_none_or(|s| s == *subleaf)
+            }
+            (EventKind::CpuidTable { leaf, subleaf }, Trigger::Cpuid { leaf: l, subleaf: s, precise: false }) => {
                 leaf == l && s.is_none_or(|s| s == *subleaf)
             }
             (EventKind::Cr { cr, write, .. }, Trigger::Cr { cr: c, reads, writes }) => {
@@ -145,13 +151,15 @@ pub struct Event {
     pub value: Option<u64>,
     /// For CPUID: the registers (eax, ebx, ecx, edx) the guest will see, once supplied.
     pub cpuid: Option<[u32; 4]>,
+    /// For events precise mode found by decoding: the instruction, as GNU as writes it.
+    pub instruction: String,
     vetoed: bool,
     stop: Option<StopRequest>,
 }
 
 impl Event {
     pub fn new(vcpu: usize, rip: u64, kind: EventKind, value: Option<u64>) -> Event {
-        Event { vcpu, rip, kind, value, cpuid: None, vetoed: false, stop: None }
+        Event { vcpu, rip, kind, value, cpuid: None, instruction: String::new(), vetoed: false, stop: None }
     }
 
     /// Drops a write (it never reaches the device, MSR or register).
@@ -196,6 +204,8 @@ pub struct Hooks {
     entries: RwLock<Vec<Entry>>,
     next_id: AtomicU64,
     count: AtomicUsize,
+    /// Bumped on every change, so vCPUs know to re-arm KVM (guest debug, precise mode).
+    generation: AtomicU64,
 }
 
 impl Hooks {
@@ -204,6 +214,7 @@ impl Hooks {
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         entries.push(Entry { id, trigger, callback });
         self.count.store(entries.len(), Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         id
     }
 
@@ -213,7 +224,12 @@ impl Hooks {
         let at = entries.iter().position(|e| e.id == id)?;
         let removed = entries.remove(at);
         self.count.store(entries.len(), Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         Some(removed.trigger)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -309,12 +325,15 @@ mod tests {
     }
 
     #[test]
-    fn cpuid_subleaf_is_optional() {
+    fn cpuid_subleaf_is_optional_and_static_hooks_only_build_the_table() {
         let any = Trigger::Cpuid { leaf: 7, subleaf: None, precise: false };
         let one = Trigger::Cpuid { leaf: 7, subleaf: Some(1), precise: false };
-        let ev = EventKind::Cpuid { leaf: 7, subleaf: 0 };
-        assert!(ev.matches(&any));
-        assert!(!ev.matches(&one));
+        let table = EventKind::CpuidTable { leaf: 7, subleaf: 0 };
+        assert!(table.matches(&any));
+        assert!(!table.matches(&one));
+        let executed = EventKind::Cpuid { leaf: 7, subleaf: 1 };
+        assert!(!executed.matches(&one), "a static hook is not called at run time");
+        assert!(executed.matches(&Trigger::Cpuid { leaf: 7, subleaf: Some(1), precise: true }));
         assert!(EventKind::Exit { reason: "io_out" }.matches(&Trigger::AnyExit));
         assert!(!EventKind::Hlt.matches(&Trigger::AnyExit));
     }

@@ -12,14 +12,18 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_enable_cap, kvm_pit_config, KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_enable_cap, kvm_pit_config, CpuId, KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_INVAL,
+    KVM_MSR_EXIT_REASON_UNKNOWN, KVM_MSR_FILTER_MAX_RANGES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 
 use crate::boot::{self, CpuMode, EntryPoint};
 use crate::console::{Console, Tee};
-use crate::cpu::{cpuid, kick, RegisterFile, Vcpu, VcpuStatus};
+use crate::cpu::{cpuid, kick, RegisterFile, Vcpu, VcpuStatus, MAX_BREAKPOINTS};
 use crate::devices::{lock, DebugExit, IoBus, IrqLine, SerialPort, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
-use crate::hooks::Hooks;
+use crate::hooks::{Event, EventKind, HookFn, HookId, Hooks, Trigger};
 use crate::memory::GuestRam;
 use crate::outcome::{ExitReason, Outcome};
 use crate::paging;
@@ -30,6 +34,17 @@ use crate::{Error, Result};
 const KVM_TSS_ADDRESS: usize = 0xFFFB_D000;
 /// The most vCPUs a VM may have (xAPIC IDs are 8 bits).
 pub const MAX_VCPUS: usize = 254;
+
+/// A CPUID entry a static hook set that KVM did not keep.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuidIgnored {
+    pub vcpu: usize,
+    pub leaf: u32,
+    pub subleaf: u32,
+    pub wanted: [u32; 4],
+    /// What KVM's table has instead (`None`: no entry).
+    pub kept: Option<[u32; 4]>,
+}
 
 /// Builds a [`Vm`].
 #[derive(Clone, Debug)]
@@ -110,13 +125,15 @@ impl VmBuilder {
             vcpus,
             status: (0..count).map(|_| VcpuStatus::default()).collect(),
             stats: (0..count).map(|_| Mutex::default()).collect(),
-            _vm_fd: vm_fd,
+            vm_fd,
             io,
             hooks: Hooks::default(),
             console,
             ram,
             stop: AtomicBool::new(false),
-            run: Mutex::new(RunState { phase: Phase::Empty, end: None, alive: 0 }),
+            run: Mutex::new(RunState { phase: Phase::Empty, has_run: false, end: None, alive: 0 }),
+            msr_exits: Mutex::new(false),
+            cpuid_ignored: Mutex::new(Vec::new()),
             changed: Condvar::new(),
         };
         Ok(Vm { machine: Arc::new(machine), supervisor: Mutex::new(None) })
@@ -135,6 +152,8 @@ enum Phase {
 
 struct RunState {
     phase: Phase,
+    /// Whether any vCPU has entered the guest (after which KVM refuses a new CPUID table).
+    has_run: bool,
     /// The first request to end the current run.
     end: Option<Outcome>,
     /// vCPU threads of the current run that have not returned.
@@ -147,13 +166,17 @@ pub(crate) struct Machine {
     vcpus: Vec<Mutex<Vcpu>>,
     status: Vec<VcpuStatus>,
     stats: Vec<Mutex<ExitStats>>,
-    _vm_fd: VmFd,
+    vm_fd: VmFd,
     io: IoBus,
     hooks: Hooks,
     console: Console,
     ram: GuestRam,
     /// Tells vCPU loops to return; set with `run.end`.
     stop: AtomicBool,
+    /// Whether RDMSR/WRMSR exits to userspace are enabled (on the first MSR hook).
+    msr_exits: Mutex<bool>,
+    /// CPUID entries static hooks set that KVM did not keep.
+    cpuid_ignored: Mutex<Vec<CpuidIgnored>>,
     run: Mutex<RunState>,
     changed: Condvar,
 }
@@ -259,6 +282,11 @@ impl Vm {
         if let Some(previous) = supervisor.take() {
             // It already published its outcome; this only reaps the thread.
             let _ = previous.join();
+        }
+        if !st.has_run {
+            // Static CPUID hooks shape the table, which KVM accepts only before the first run.
+            self.apply_static_cpuid()?;
+            st.has_run = true;
         }
         st.phase = Phase::Running;
         st.end = None;
@@ -409,6 +437,168 @@ impl Vm {
     pub fn translate(&self, vcpu: usize, address: u64) -> Result<u64> {
         let ctx = self.registers(vcpu)?.paging();
         paging::translate(&self.machine.ram, &ctx, address)
+    }
+
+    /// Registers a hook. Static CPUID hooks must come before the first run (KVM takes the
+    /// table only then); MSR hooks enable user-space MSR exits and filter the hooked index.
+    pub fn add_hook(&self, trigger: Trigger, callback: HookFn) -> Result<HookId> {
+        self.check_trigger(&trigger)?;
+        let id = self.machine.hooks.add(trigger, callback);
+        if let Err(e) = self.arm_msr_exits() {
+            self.machine.hooks.remove(id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Removes a hook. Returns whether it was registered.
+    pub fn remove_hook(&self, id: HookId) -> Result<bool> {
+        let removed = self.machine.hooks.remove(id).is_some();
+        if removed {
+            self.arm_msr_exits()?;
+        }
+        Ok(removed)
+    }
+
+    fn check_trigger(&self, trigger: &Trigger) -> Result<()> {
+        let triggers = self.machine.hooks.triggers();
+        match trigger {
+            Trigger::Cpuid { precise: false, .. } if lock(&self.machine.run).has_run => Err(Error::State(
+                "static CPUID hooks shape the table KVM takes before the first run; add them before starting, or use precise=True".into(),
+            )),
+            Trigger::Cr { cr, .. } if ![0, 2, 3, 4, 8].contains(cr) => {
+                Err(Error::Config(format!("CR{cr} does not exist; hookable: CR0, CR2, CR3, CR4, CR8")))
+            }
+            Trigger::Io { first, last, .. } if first > last => Err(Error::Config(format!("empty port range {first:#x}..{last:#x}"))),
+            Trigger::Mmio { size: 0, .. } => Err(Error::Config("an MMIO hook needs a size of at least 1".into())),
+            Trigger::Breakpoint { address } => {
+                let mut addresses: Vec<u64> = triggers
+                    .iter()
+                    .filter_map(|t| if let Trigger::Breakpoint { address } = t { Some(*address) } else { None })
+                    .collect();
+                addresses.push(*address);
+                addresses.sort_unstable();
+                addresses.dedup();
+                if addresses.len() > MAX_BREAKPOINTS {
+                    return Err(Error::Config(format!(
+                        "at most {MAX_BREAKPOINTS} breakpoint addresses (x86 has four debug registers)"
+                    )));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Keeps KVM's MSR filter equal to the hooked MSRs. The first MSR hook also enables
+    /// RDMSR/WRMSR exits for filtered, unknown and invalid MSRs (which then #GP as before
+    /// unless a hook supplies a value).
+    fn arm_msr_exits(&self) -> Result<()> {
+        let mut wanted: Vec<(u32, bool, bool)> = Vec::new();
+        for t in self.machine.hooks.triggers() {
+            if let Trigger::Msr { index, reads, writes } = t {
+                match wanted.iter_mut().find(|w| w.0 == index) {
+                    Some(w) => (w.1, w.2) = (w.1 || reads, w.2 || writes),
+                    None => wanted.push((index, reads, writes)),
+                }
+            }
+        }
+        let mut enabled = lock(&self.machine.msr_exits);
+        if wanted.is_empty() && !*enabled {
+            return Ok(());
+        }
+        if wanted.len() > KVM_MSR_FILTER_MAX_RANGES as usize {
+            return Err(Error::Config(format!("at most {KVM_MSR_FILTER_MAX_RANGES} MSRs can be hooked")));
+        }
+        let vm = &self.machine.vm_fd;
+        if !*enabled {
+            let reasons = KVM_MSR_EXIT_REASON_FILTER | KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_INVAL;
+            let cap = kvm_enable_cap { cap: KVM_CAP_X86_USER_SPACE_MSR, args: [reasons.into(), 0, 0, 0], ..Default::default() };
+            vm.enable_cap(&cap).map_err(Error::kvm("ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+            *enabled = true;
+        }
+        let deny = [0u8];
+        let ranges: Vec<MsrFilterRange> = wanted
+            .iter()
+            .map(|&(index, reads, writes)| {
+                let mut flags = MsrFilterRangeFlags::empty();
+                flags.set(MsrFilterRangeFlags::READ, reads);
+                flags.set(MsrFilterRangeFlags::WRITE, writes);
+                MsrFilterRange { flags, base: index, msr_count: 1, bitmap: &deny }
+            })
+            .collect();
+        vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges).map_err(Error::kvm("X86_SET_MSR_FILTER"))
+    }
+
+    /// Asks the static CPUID hooks for every entry they cover, per vCPU, gives KVM the table,
+    /// and records entries KVM did not keep (read back with KVM_GET_CPUID2).
+    fn apply_static_cpuid(&self) -> Result<()> {
+        let triggers: Vec<(u32, Option<u32>)> = self
+            .machine
+            .hooks
+            .triggers()
+            .into_iter()
+            .filter_map(|t| match t {
+                Trigger::Cpuid { leaf, subleaf, precise: false } => Some((leaf, subleaf)),
+                _ => None,
+            })
+            .collect();
+        if triggers.is_empty() {
+            return Ok(());
+        }
+        let mut ignored = Vec::new();
+        for (index, slot) in self.machine.vcpus.iter().enumerate() {
+            let mut vcpu = lock(slot);
+            let mut entries: Vec<kvm_cpuid_entry2> = vcpu.cpuid().as_slice().to_vec();
+            for &(leaf, subleaf) in &triggers {
+                let present = entries.iter().any(|e| e.function == leaf && subleaf.is_none_or(|s| e.index == s));
+                if !present {
+                    entries.push(kvm_cpuid_entry2 {
+                        function: leaf,
+                        index: subleaf.unwrap_or(0),
+                        flags: if subleaf.is_some() { KVM_CPUID_FLAG_SIGNIFCANT_INDEX } else { 0 },
+                        ..Default::default()
+                    });
+                }
+            }
+            let mut changed = Vec::new();
+            for entry in entries.iter_mut() {
+                let kind = EventKind::CpuidTable { leaf: entry.function, subleaf: entry.index };
+                if !self.machine.hooks.wants(&kind) {
+                    continue;
+                }
+                let mut event = Event::new(index, 0, kind, None);
+                self.machine.hooks.dispatch(&mut event).map_err(Error::Hook)?;
+                if let Some([a, b, c, d]) = event.cpuid {
+                    (entry.eax, entry.ebx, entry.ecx, entry.edx) = (a, b, c, d);
+                    changed.push(*entry);
+                }
+            }
+            let table = CpuId::from_entries(&entries)
+                .map_err(|_| Error::Config(format!("a CPUID table of {} entries is too large for KVM", entries.len())))?;
+            let kept = vcpu.set_cpuid(&table)?;
+            for wanted in changed {
+                let got = kept.as_slice().iter().find(|e| e.function == wanted.function && e.index == wanted.index);
+                let got = got.map(|e| [e.eax, e.ebx, e.ecx, e.edx]);
+                let want = [wanted.eax, wanted.ebx, wanted.ecx, wanted.edx];
+                if got != Some(want) {
+                    log::warn!(
+                        "KVM did not keep CPUID leaf {:#x} subleaf {:#x} as hooked: wanted {want:x?}, has {got:x?}; use precise=True",
+                        wanted.function,
+                        wanted.index
+                    );
+                    ignored.push(CpuidIgnored { vcpu: index, leaf: wanted.function, subleaf: wanted.index, wanted: want, kept: got });
+                }
+            }
+        }
+        *lock(&self.machine.cpuid_ignored) = ignored;
+        Ok(())
+    }
+
+    /// CPUID entries static hooks set that this host's KVM did not keep (checked when the
+    /// table is applied, at the first start). Use precise hooks for those leaves.
+    pub fn cpuid_ignored(&self) -> Vec<CpuidIgnored> {
+        lock(&self.machine.cpuid_ignored).clone()
     }
 
     /// Exit counters of every vCPU, merged.

@@ -22,6 +22,7 @@ pub(super) fn supervise(machine: Arc<Machine>, vcpus: Vec<Option<JoinHandle<()>>
     let mut probe_generation = machine.status.iter().map(|s| s.probe_request.load(Ordering::Relaxed)).max().unwrap_or(0);
     let mut parked_rounds = 0;
     let mut kicked_to_end = false;
+    let mut hooks_seen = machine.hooks.generation();
     loop {
         let st = lock(&machine.run);
         // Wake when the run must end (once: after kicking, only when the threads are gone or
@@ -40,6 +41,13 @@ pub(super) fn supervise(machine: Arc<Machine>, vcpus: Vec<Option<JoinHandle<()>>
             kicked_to_end = true;
             slice = REKICK;
             continue;
+        }
+        // vCPUs re-arm guest debugging when hooks change; a kick makes a vCPU that is
+        // running (or halted) notice now.
+        let hooks_now = machine.hooks.generation();
+        if hooks_now != hooks_seen {
+            hooks_seen = hooks_now;
+            kick_all(&vcpus);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             machine.request_end(Outcome::new(ExitReason::Timeout));

@@ -1,0 +1,201 @@
+//! Hooks from Python: a core hook whose callback takes the GIL and calls a Python callable
+//! with a `HookEvent`, then copies the callable's answers back into the core event.
+
+use std::sync::Arc;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use vmcore::hooks::{Event, EventKind, HookError, HookFn, StopRequest, Trigger};
+
+/// What a hook sees. `vmcore.HookEvent` wraps it with access to the VM.
+#[pyclass(module = "vmcore._native")]
+pub struct HookEvent {
+    #[pyo3(get)]
+    vcpu: usize,
+    #[pyo3(get)]
+    rip: u64,
+    #[pyo3(get)]
+    kind: &'static str,
+    #[pyo3(get)]
+    instruction: String,
+    #[pyo3(get)]
+    is_write: Option<bool>,
+    #[pyo3(get)]
+    port: Option<u16>,
+    #[pyo3(get)]
+    size: Option<u8>,
+    #[pyo3(get)]
+    address: Option<u64>,
+    #[pyo3(get)]
+    index: Option<u32>,
+    #[pyo3(get)]
+    leaf: Option<u32>,
+    #[pyo3(get)]
+    subleaf: Option<u32>,
+    #[pyo3(get)]
+    cr: Option<u8>,
+    #[pyo3(get)]
+    old: Option<u64>,
+    #[pyo3(get)]
+    reason: Option<&'static str>,
+    /// The value written (writes) or supplied (reads); a hook may assign it.
+    #[pyo3(get, set)]
+    value: Option<u64>,
+    /// CPUID registers a hook supplies.
+    #[pyo3(get, set)]
+    cpuid: Option<(u32, u32, u32, u32)>,
+    #[pyo3(get)]
+    vetoed: bool,
+    stop: Option<(Option<u64>, String, Py<PyAny>)>,
+}
+
+#[pymethods]
+impl HookEvent {
+    /// Drops the write: it never reaches the device, MSR or control register.
+    fn veto(&mut self) {
+        self.vetoed = true;
+    }
+
+    /// Ends the run after this event with outcome "hook_stop"; `result` comes back as
+    /// `outcome.result` (and as `outcome.code` when it is an int).
+    #[pyo3(signature = (result=None))]
+    fn stop(&mut self, py: Python<'_>, result: Option<Py<PyAny>>) -> PyResult<()> {
+        let result = result.unwrap_or_else(|| py.None());
+        let code = result.extract::<u64>(py).ok();
+        let detail = if result.is_none(py) { "stopped by a hook".to_string() } else { result.bind(py).repr()?.to_string() };
+        self.stop = Some((code, detail, result));
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<vmcore.HookEvent {} vcpu={} rip={:#x}>", self.kind, self.vcpu, self.rip)
+    }
+}
+
+impl HookEvent {
+    fn from_core(ev: &Event) -> HookEvent {
+        let mut h = HookEvent {
+            vcpu: ev.vcpu,
+            rip: ev.rip,
+            kind: ev.kind.name(),
+            instruction: ev.instruction.clone(),
+            is_write: None,
+            port: None,
+            size: None,
+            address: None,
+            index: None,
+            leaf: None,
+            subleaf: None,
+            cr: None,
+            old: None,
+            reason: None,
+            value: ev.value,
+            cpuid: ev.cpuid.map(|[a, b, c, d]| (a, b, c, d)),
+            vetoed: ev.is_vetoed(),
+            stop: None,
+        };
+        match ev.kind {
+            EventKind::Io { port, size, write } => (h.port, h.size, h.is_write) = (Some(port), Some(size), Some(write)),
+            EventKind::Mmio { address, size, write } => {
+                (h.address, h.size, h.is_write) = (Some(address), Some(size), Some(write))
+            }
+            EventKind::Msr { index, write } => (h.index, h.is_write) = (Some(index), Some(write)),
+            EventKind::Cpuid { leaf, subleaf } | EventKind::CpuidTable { leaf, subleaf } => {
+                (h.leaf, h.subleaf) = (Some(leaf), Some(subleaf))
+            }
+            EventKind::Cr { cr, write, old } => (h.cr, h.is_write, h.old) = (Some(cr), Some(write), Some(old)),
+            EventKind::Breakpoint { address } => h.address = Some(address),
+            EventKind::Exit { reason } => h.reason = Some(reason),
+            EventKind::Step | EventKind::Hlt | EventKind::Shutdown => {}
+        }
+        h
+    }
+
+    /// Copies what the Python hook decided into the core event.
+    fn apply_to(self, ev: &mut Event) {
+        ev.value = self.value;
+        ev.cpuid = self.cpuid.map(|(a, b, c, d)| [a, b, c, d]);
+        if self.vetoed {
+            ev.veto();
+        }
+        if let Some((code, detail, payload)) = self.stop {
+            ev.stop(StopRequest { code, detail, payload: Some(Box::new(payload)) });
+        }
+    }
+}
+
+/// The core trigger for a hook kind and its parameters (see `vmcore.Vm.on_*`).
+pub fn trigger(kind: &str, p: &Bound<'_, PyDict>) -> PyResult<Trigger> {
+    let get = |name: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
+        Ok(p.get_item(name)?.filter(|v| !v.is_none()))
+    };
+    let need = |name: &str| -> PyResult<Bound<'_, PyAny>> {
+        get(name)?.ok_or_else(|| PyValueError::new_err(format!("a {kind} hook needs {name}")))
+    };
+    // None for "write" means both directions.
+    let directions = || -> PyResult<(bool, bool)> {
+        Ok(match get("write")? {
+            None => (true, true),
+            Some(w) if w.extract::<bool>()? => (false, true),
+            Some(_) => (true, false),
+        })
+    };
+    Ok(match kind {
+        "io" => {
+            let port: u16 = need("port")?.extract()?;
+            let size: u16 = get("size")?.map_or(Ok(1), |s| s.extract())?;
+            if size == 0 || u32::from(port) + u32::from(size) > 0x1_0000 {
+                return Err(PyValueError::new_err(format!("ports {port:#x}+{size} are not a range of I/O ports")));
+            }
+            let (reads, writes) = directions()?;
+            Trigger::Io { first: port, last: port + (size - 1), reads, writes }
+        }
+        "mmio" => {
+            let (reads, writes) = directions()?;
+            Trigger::Mmio { address: need("address")?.extract()?, size: need("size")?.extract()?, reads, writes }
+        }
+        "msr" => {
+            let (reads, writes) = directions()?;
+            Trigger::Msr { index: need("index")?.extract()?, reads, writes }
+        }
+        "cpuid" => Trigger::Cpuid {
+            leaf: need("leaf")?.extract()?,
+            subleaf: get("subleaf")?.map(|s| s.extract()).transpose()?,
+            precise: get("precise")?.map_or(Ok(false), |s| s.extract())?,
+        },
+        "cr" => {
+            let (reads, writes) = directions()?;
+            Trigger::Cr { cr: need("cr")?.extract()?, reads, writes }
+        }
+        "breakpoint" => Trigger::Breakpoint { address: need("address")?.extract()? },
+        "step" => Trigger::Step,
+        "hlt" => Trigger::Hlt,
+        "shutdown" => Trigger::Shutdown,
+        "exit" => Trigger::AnyExit,
+        other => return Err(PyValueError::new_err(format!("unknown hook kind {other:?}"))),
+    })
+}
+
+/// A core hook calling `callback(HookEvent)` with the GIL held. An exception ends the run
+/// with outcome "hook_error" and travels, traceback and all, to whoever waits for the VM.
+pub fn callback(callback: Py<PyAny>) -> HookFn {
+    Arc::new(move |ev: &mut Event| {
+        Python::attach(|py| {
+            let event = Py::new(py, HookEvent::from_core(ev)).map_err(|e| hook_error(py, e))?;
+            callback.call1(py, (event.clone_ref(py),)).map_err(|e| hook_error(py, e))?;
+            let answered = std::mem::replace(&mut *event.borrow_mut(py), HookEvent::from_core(ev));
+            answered.apply_to(ev);
+            Ok(())
+        })
+    })
+}
+
+fn hook_error(py: Python<'_>, err: PyErr) -> HookError {
+    let message = match err.traceback(py).and_then(|tb| tb.format().ok()) {
+        Some(tb) => format!("{tb}{err}"),
+        None => err.to_string(),
+    };
+    HookError { message: message.trim_end().to_string(), payload: Some(Box::new(err)) }
+}

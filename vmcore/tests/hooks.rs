@@ -1,0 +1,253 @@
+//! Hooks on real guests: CPUID (static and precise), control registers, MSRs, ports,
+//! breakpoints, single-step, errors and stops.
+
+mod common;
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use common::{guest, kvm, small_vm, symbol};
+use vmcore::hooks::{Event, EventKind, HookError, StopRequest, Trigger};
+use vmcore::{CpuMode, ExitReason, Vm};
+
+const FIVE_SECONDS: Option<Duration> = Some(Duration::from_secs(5));
+
+fn load_elf(vm: &Vm, name: &str) {
+    vm.load_elf_bytes(&guest(name), name).unwrap();
+}
+
+#[test]
+fn static_and_precise_cpuid_hooks_answer_the_guest() {
+    if !kvm() {
+        return;
+    }
+    for precise in [false, true] {
+        let vm = small_vm();
+        load_elf(&vm, "cpuid.elf");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        vm.add_hook(
+            Trigger::Cpuid { leaf: 0x4000_0100, subleaf: None, precise },
+            Arc::new(move |ev: &mut Event| {
+                log.lock().unwrap().push((ev.rip, ev.instruction.clone()));
+                ev.cpuid = Some([0x1234_5678, 0x9abc_def0, 0x0bad_cafe, 0x600d_f00d]);
+                Ok(())
+            }),
+        )
+        .unwrap();
+        assert_eq!(vm.run(FIVE_SECONDS).unwrap().reason, ExitReason::Halted, "precise={precise}");
+        assert_eq!(
+            vm.console().output(),
+            "cpuid 40000100: eax=12345678 ebx=9abcdef0 ecx=0badcafe edx=600df00d\n",
+            "precise={precise}"
+        );
+        let seen = seen.lock().unwrap();
+        if precise {
+            assert_eq!(*seen, vec![(symbol("cpuid.elf", "cpuid_site"), "cpuid".to_string())]);
+            assert_eq!(vm.stats().cpuid_leaves[&0x4000_0100], 1);
+        } else {
+            assert_eq!(seen.len(), 1, "asked once per vCPU, before the first run");
+            assert!(vm.cpuid_ignored().is_empty(), "{:?}", vm.cpuid_ignored());
+        }
+    }
+}
+
+#[test]
+fn static_cpuid_hooks_must_come_before_the_first_run() {
+    if !kvm() {
+        return;
+    }
+    let vm = small_vm();
+    load_elf(&vm, "cpuid.elf");
+    vm.run(FIVE_SECONDS).unwrap();
+    let err = vm
+        .add_hook(Trigger::Cpuid { leaf: 1, subleaf: None, precise: false }, Arc::new(|_: &mut Event| Ok(())))
+        .unwrap_err();
+    assert!(err.to_string().contains("before the first run"), "{err}");
+}
+
+#[test]
+fn control_register_writes_are_seen_vetoed_and_rewritten() {
+    if !kvm() {
+        return;
+    }
+    let vm = small_vm();
+    load_elf(&vm, "cr.elf");
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let log = writes.clone();
+    vm.add_hook(
+        Trigger::Cr { cr: 8, reads: false, writes: true },
+        Arc::new(move |ev: &mut Event| {
+            log.lock().unwrap().push((ev.rip, ev.value, ev.instruction.clone()));
+            ev.value = Some(9); // rewrite 5 to 9
+            Ok(())
+        }),
+    )
+    .unwrap();
+    vm.add_hook(
+        Trigger::Cr { cr: 4, reads: false, writes: true },
+        Arc::new(|ev: &mut Event| {
+            assert!(matches!(ev.kind, EventKind::Cr { cr: 4, write: true, old } if old & 4 == 0));
+            ev.veto();
+            Ok(())
+        }),
+    )
+    .unwrap();
+    assert_eq!(vm.run(FIVE_SECONDS).unwrap().reason, ExitReason::Halted);
+    assert_eq!(
+        *writes.lock().unwrap(),
+        vec![(symbol("cr.elf", "cr8_write"), Some(5), "mov %rax,%cr8".to_string())]
+    );
+    let out = vm.console().output();
+    assert!(out.starts_with("cr8=0000000000000009\n"), "{out}");
+    let cr4: u64 = u64::from_str_radix(out.lines().nth(1).unwrap().trim_start_matches("cr4="), 16).unwrap();
+    assert_eq!(cr4 & 4, 0, "the vetoed write did not land: {out}");
+}
+
+#[test]
+fn msr_hooks_supply_values_the_host_does_not_know() {
+    if !kvm() {
+        return;
+    }
+    let vm = small_vm();
+    load_elf(&vm, "msr.elf");
+    let written = Arc::new(Mutex::new(None));
+    let w = written.clone();
+    vm.add_hook(
+        Trigger::Msr { index: 0xc0ffee, reads: true, writes: true },
+        Arc::new(move |ev: &mut Event| {
+            match ev.kind {
+                EventKind::Msr { write: false, .. } => ev.value = Some(0xfeed_face_cafe_beef),
+                _ => *w.lock().unwrap() = ev.value,
+            }
+            Ok(())
+        }),
+    )
+    .unwrap();
+    assert_eq!(vm.run(FIVE_SECONDS).unwrap().reason, ExitReason::Halted);
+    assert_eq!(vm.console().output(), "msr c0ffee=feedfacecafebeef\nwrote\n");
+    assert_eq!(*written.lock().unwrap(), Some(0x1122_3344_5566_7788));
+    assert_eq!(vm.stats().msr_reads[&0xc0ffee], 1);
+}
+
+#[test]
+fn port_hooks_supply_reads_and_veto_writes() {
+    if !kvm() {
+        return;
+    }
+    let vm = small_vm();
+    vm.load_flat(&guest("ports.bin"), 0x100000, CpuMode::Long).unwrap();
+    vm.add_hook(
+        Trigger::Io { first: 0x71, last: 0x71, reads: true, writes: false },
+        Arc::new(|ev: &mut Event| {
+            ev.value = Some(0x42);
+            Ok(())
+        }),
+    )
+    .unwrap();
+    let count = Arc::new(Mutex::new(0));
+    let c = count.clone();
+    vm.add_hook(
+        Trigger::Io { first: 0x80, last: 0x80, reads: false, writes: true },
+        Arc::new(move |ev: &mut Event| {
+            assert_eq!(ev.value, Some(0x42));
+            *c.lock().unwrap() += 1;
+            ev.veto();
+            Ok(())
+        }),
+    )
+    .unwrap();
+    assert_eq!(vm.run(FIVE_SECONDS).unwrap().reason, ExitReason::Halted);
+    assert_eq!(vm.console().output(), "unhandled read gave something else\n");
+    assert_eq!(*count.lock().unwrap(), 3);
+    assert!(vm.stats().unhandled_port_reads.is_empty(), "the hook answered the reads");
+}
+
+#[test]
+fn failing_and_stopping_hooks_end_the_run() {
+    if !kvm() {
+        return;
+    }
+    let vm = small_vm();
+    vm.load_flat(&guest("hello-long.bin"), 0x100000, CpuMode::Long).unwrap();
+    vm.add_hook(
+        Trigger::Io { first: 0x3f8, last: 0x3f8, reads: false, writes: true },
+        Arc::new(|_: &mut Event| Err(HookError::new("the hook failed"))),
+    )
+    .unwrap();
+    let outcome = vm.run(FIVE_SECONDS).unwrap();
+    assert_eq!((outcome.reason, outcome.detail.as_str()), (ExitReason::HookError, "the hook failed"));
+
+    let vm = small_vm();
+    vm.load_flat(&guest("hello-long.bin"), 0x100000, CpuMode::Long).unwrap();
+    vm.add_hook(
+        Trigger::Io { first: 0x3f8, last: 0x3f8, reads: false, writes: true },
+        Arc::new(|ev: &mut Event| {
+            if ev.value == Some(u64::from(b'\n')) {
+                ev.stop(StopRequest { code: Some(7), detail: "line done".into(), payload: None });
+            }
+            Ok(())
+        }),
+    )
+    .unwrap();
+    let outcome = vm.run(FIVE_SECONDS).unwrap();
+    assert_eq!((outcome.reason, outcome.code), (ExitReason::HookStop, Some(7)));
+    assert_eq!(vm.console().output(), "hello from long mode", "the newline was not written");
+}
+
+#[test]
+fn breakpoints_and_single_steps_reach_hooks_that_use_their_vm() {
+    if !kvm() {
+        return;
+    }
+    let vm = Arc::new(small_vm());
+    load_elf(&vm, "hello-long.elf");
+    let halt_here = symbol("hello-long.elf", "halt_here");
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let (h, weak): (_, Weak<Vm>) = (hits.clone(), Arc::downgrade(&vm));
+    vm.add_hook(
+        Trigger::Breakpoint { address: halt_here },
+        Arc::new(move |ev: &mut Event| {
+            // The vCPU is unlocked while its hook runs: its registers are reachable.
+            let rip = weak.upgrade().unwrap().registers(ev.vcpu).unwrap().regs.rip;
+            h.lock().unwrap().push((ev.rip, rip));
+            Ok(())
+        }),
+    )
+    .unwrap();
+    assert_eq!(vm.run(FIVE_SECONDS).unwrap().reason, ExitReason::Halted);
+    assert_eq!(vm.console().output(), "hello from elf64\n");
+    assert_eq!(hits.lock().unwrap().first(), Some(&(halt_here, halt_here)));
+
+    let vm = small_vm();
+    vm.load_flat(&guest("debug-exit.bin"), 0x100000, CpuMode::Long).unwrap();
+    let steps = Arc::new(Mutex::new(0u64));
+    let s = steps.clone();
+    vm.add_hook(
+        Trigger::Step,
+        Arc::new(move |_: &mut Event| {
+            *s.lock().unwrap() += 1;
+            Ok(())
+        }),
+    )
+    .unwrap();
+    assert_eq!(vm.run(FIVE_SECONDS).unwrap().code, Some(0x31));
+    let steps = *steps.lock().unwrap();
+    assert!(steps > 100, "one step per instruction, the print loop alone is hundreds: {steps}");
+}
+
+#[test]
+fn too_many_breakpoints_and_bad_registers_are_refused() {
+    if !kvm() {
+        return;
+    }
+    let vm = small_vm();
+    let nothing = || -> vmcore::hooks::HookFn { Arc::new(|_: &mut Event| Ok(())) };
+    for address in 0..4 {
+        vm.add_hook(Trigger::Breakpoint { address: 0x100000 + address }, nothing()).unwrap();
+    }
+    let err = vm.add_hook(Trigger::Breakpoint { address: 0x200000 }, nothing()).unwrap_err();
+    assert!(err.to_string().contains("at most 4"), "{err}");
+    let err = vm.add_hook(Trigger::Cr { cr: 5, reads: true, writes: true }, nothing()).unwrap_err();
+    assert!(err.to_string().contains("CR5"), "{err}");
+}
