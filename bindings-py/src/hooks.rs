@@ -178,10 +178,59 @@ pub fn trigger(kind: &str, p: &Bound<'_, PyDict>) -> PyResult<Trigger> {
     })
 }
 
+/// A Python thread state kept for a vCPU thread between hook calls. Without it every call
+/// would create and destroy one (PyGILState_Ensure/Release from a thread Python has not
+/// seen), which costs more than the port exit the hook is about. Released when the thread
+/// ends.
+struct PinnedThreadState {
+    gil: pyo3::ffi::PyGILState_STATE,
+    tstate: *mut pyo3::ffi::PyThreadState,
+}
+
+impl Drop for PinnedThreadState {
+    fn drop(&mut self) {
+        // SAFETY: `tstate` and `gil` come from `pin_thread_state` on this same thread (thread
+        // locals are dropped on their own thread); the interpreter is checked to be alive.
+        unsafe {
+            if pyo3::ffi::Py_IsInitialized() != 0 {
+                pyo3::ffi::PyEval_RestoreThread(self.tstate);
+                pyo3::ffi::PyGILState_Release(self.gil);
+            }
+        }
+    }
+}
+
+thread_local! {
+    static PINNED: std::cell::RefCell<Option<PinnedThreadState>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Gives this vCPU thread a lasting Python thread state. Only for vCPU threads: they never
+/// hold the GIL when a hook is called.
+fn pin_thread_state() {
+    PINNED.with(|pinned| {
+        if pinned.borrow().is_some() {
+            return;
+        }
+        // SAFETY: callers are vCPU threads, which never hold the GIL here, so Ensure creates
+        // and takes a thread state for this thread and SaveThread releases the GIL again while
+        // keeping that state registered; both handles are kept together and undone in `Drop`.
+        unsafe {
+            let gil = pyo3::ffi::PyGILState_Ensure();
+            let tstate = pyo3::ffi::PyEval_SaveThread();
+            *pinned.borrow_mut() = Some(PinnedThreadState { gil, tstate });
+        }
+    });
+}
+
 /// A core hook calling `callback(HookEvent)` with the GIL held. An exception ends the run
 /// with outcome "hook_error" and travels, traceback and all, to whoever waits for the VM.
 pub fn callback(callback: Py<PyAny>) -> HookFn {
     Arc::new(move |ev: &mut Event| {
+        // Static CPUID hooks run on the thread that starts the VM, which holds the GIL; every
+        // other event comes from a vCPU thread.
+        if !matches!(ev.kind, EventKind::CpuidTable { .. }) {
+            pin_thread_state();
+        }
         Python::attach(|py| {
             let event = Py::new(py, HookEvent::from_core(ev)).map_err(|e| hook_error(py, e))?;
             callback.call1(py, (event.clone_ref(py),)).map_err(|e| hook_error(py, e))?;

@@ -18,6 +18,12 @@
  * Build: gcc -O2 -Wall -Wextra -o raw_floor raw_floor.c
  * Usage: raw_floor GUEST.bin [--iterations N] [--load-address 0x10000]
  *                            [--memory-mib 64] [--timeout-sec 10] [--json]
+ *                            [--single-step]
+ *
+ * --single-step arms KVM_GUESTDBG_SINGLESTEP before the first run and counts
+ * the debug exits (one per instruction): the floor for vmcore's precise mode.
+ * The time from the first line to the exit is reported as line_to_exit_us, for
+ * guests that print a line and then do the work being measured.
  *
  * Note: with the in-kernel irqchip, a guest HLT is handled inside the kernel
  * and never reaches userspace as KVM_EXIT_HLT; a guest that halts with
@@ -55,6 +61,8 @@ struct iter_result {
 	double exit_us;
 	double total_us;
 	uint32_t exit_value;
+	uint64_t debug_exits;
+	double line_to_exit_us;
 };
 
 struct options {
@@ -64,6 +72,7 @@ struct options {
 	uint64_t memory_mib;
 	uint64_t timeout_sec;
 	int json;
+	int single_step;
 };
 
 /* Guest console bytes of the current iteration, up to the first newline. */
@@ -96,7 +105,7 @@ static void usage(const char *prog)
 {
 	fprintf(stderr,
 		"usage: %s GUEST.bin [--iterations N] [--load-address ADDR]\n"
-		"       %*s [--memory-mib MIB] [--timeout-sec S] [--json]\n",
+		"       %*s [--memory-mib MIB] [--timeout-sec S] [--json] [--single-step]\n",
 		prog, (int)strlen(prog), "");
 	exit(2);
 }
@@ -125,12 +134,15 @@ static void parse_args(int argc, char **argv, struct options *o)
 	o->memory_mib = 64;
 	o->timeout_sec = 10;
 	o->json = 0;
+	o->single_step = 0;
 
 	for (i = 1; i < argc; i++) {
 		const char *a = argv[i];
 
 		if (strcmp(a, "--json") == 0) {
 			o->json = 1;
+		} else if (strcmp(a, "--single-step") == 0) {
+			o->single_step = 1;
 		} else if (strcmp(a, "--iterations") == 0 ||
 			   strcmp(a, "--load-address") == 0 ||
 			   strcmp(a, "--memory-mib") == 0 ||
@@ -369,6 +381,14 @@ static void run_one(const struct options *o, const unsigned char *image,
 	regs.rflags = 2;
 	if (ioctl(vcpu_fd, KVM_SET_REGS, &regs) < 0)
 		die_ioctl("KVM_SET_REGS");
+	if (o->single_step) {
+		struct kvm_guest_debug debug;
+
+		memset(&debug, 0, sizeof(debug));
+		debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+		if (ioctl(vcpu_fd, KVM_SET_GUEST_DEBUG, &debug) < 0)
+			die_ioctl("KVM_SET_GUEST_DEBUG");
+	}
 
 	while (!have_exit) {
 		unsigned char *data;
@@ -385,6 +405,11 @@ static void run_one(const struct options *o, const unsigned char *image,
 				continue;
 			}
 			die_ioctl("KVM_RUN");
+		}
+		/* --single-step: one KVM_EXIT_DEBUG per instruction, nothing to do but go on. */
+		if (run->exit_reason == KVM_EXIT_DEBUG && o->single_step) {
+			res->debug_exits++;
+			continue;
 		}
 		if (run->exit_reason != KVM_EXIT_IO)
 			guest_failed(vcpu_fd, run);
@@ -437,6 +462,7 @@ static void run_one(const struct options *o, const unsigned char *image,
 		exit(1);
 	}
 	res->first_line_us = t_first - t0;
+	res->line_to_exit_us = t_exit - t_first;
 	line_buf[line_len] = '\0';
 }
 
@@ -527,7 +553,7 @@ int main(int argc, char **argv)
 	struct options o;
 	struct iter_result *res;
 	struct kvm_cpuid2 *cpuid;
-	struct stats first, ex, total;
+	struct stats first, ex, total, run;
 	unsigned char *image;
 	char first_line[LINE_MAX_BYTES];
 	size_t image_size;
@@ -592,6 +618,7 @@ int main(int argc, char **argv)
 	first = summarize(res, o.iterations, offsetof(struct iter_result, first_line_us));
 	ex = summarize(res, o.iterations, offsetof(struct iter_result, exit_us));
 	total = summarize(res, o.iterations, offsetof(struct iter_result, total_us));
+	run = summarize(res, o.iterations, offsetof(struct iter_result, line_to_exit_us));
 
 	if (o.json) {
 		fprintf(stderr, "guest first line: %s\n", first_line);
@@ -602,6 +629,9 @@ int main(int argc, char **argv)
 		       ex.min, ex.median, ex.mean, ex.max);
 		printf("\"total_us\": {\"min\": %.1f, \"median\": %.1f, \"mean\": %.1f, \"max\": %.1f}, ",
 		       total.min, total.median, total.mean, total.max);
+		printf("\"line_to_exit_us\": {\"min\": %.1f, \"median\": %.1f, \"mean\": %.1f, \"max\": %.1f}, ",
+		       run.min, run.median, run.mean, run.max);
+		printf("\"debug_exits\": %llu, ", (unsigned long long)res[o.iterations - 1].debug_exits);
 		printf("\"vms_per_second\": %.1f, ", (double)o.iterations / total_sec);
 		printf("\"guest_exit_value\": %u, ", res[o.iterations - 1].exit_value);
 		printf("\"first_line\": ");

@@ -157,6 +157,13 @@ pub(crate) trait MsrAccess {
     fn write_msr(&self, index: u32, value: u64) -> bool;
 }
 
+/// Whether any hook wants this exit (then it is dispatched with the vCPU unlocked).
+pub(crate) fn hooked(exit: &Exit, hooks: &crate::hooks::Hooks) -> bool {
+    !hooks.is_empty()
+        && (hooks.wants(&EventKind::Exit { reason: exit.name() })
+            || exit.event_kind().is_some_and(|kind| hooks.wants(&kind)))
+}
+
 /// Handles one exit. `rip` is the instruction that caused it (hooks report it).
 pub(crate) fn dispatch(exit: &Exit, rip: u64, env: &VcpuEnv, msrs: &dyn MsrAccess) -> Result<(Flow, Completion), HookError> {
     lock(env.stats).count_exit(exit.name());

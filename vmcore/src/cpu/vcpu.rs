@@ -9,7 +9,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{SyncReg, VcpuFd, VmFd};
 
-use super::exit::{call_hooks, complete, dispatch, Exit, Flow, MsrAccess};
+use super::exit::{call_hooks, complete, dispatch, hooked, Exit, Flow, MsrAccess};
 use super::precise::{self, Intercept};
 use super::kick::ArmedThread;
 use super::regs::RegisterFile;
@@ -243,13 +243,14 @@ impl Vcpu {
                 }
             }
             let handled;
-            if env.hooks.is_empty() {
-                handled = dispatch(&exit, 0, env, &*vcpu);
-            } else {
+            if hooked(&exit, env.hooks) {
                 let rip = vcpu.exit_rip();
                 // MSR defaults need the vCPU, so they lock it briefly themselves.
                 (vcpu, handled) = unlocked(slot, vcpu, || dispatch(&exit, rip, env, &LockedMsrs(slot)));
+                // A hook may have changed registers through the VM.
                 synced = false;
+            } else {
+                handled = dispatch(&exit, 0, env, &*vcpu);
             }
             let (flow, completion) = match handled {
                 Ok(handled) => handled,

@@ -1,0 +1,15 @@
+# bench-cpuid.bin - real mode: prints "go", then 1000 rounds of mov $0x40000100,%eax;
+# cpuid; dec; jnz, then ends through debug-exit with code 0. For precise CPUID hooks:
+# single-step mode pays for every instruction, site-trap mode only for each CPUID.
+        .include "guest.inc"
+        GUEST_START 16
+        PUTS    go
+        mov     $1000, %bp
+1:      mov     $0x40000100, %eax
+        cpuid
+        dec     %bp
+        jnz     1b
+        DEBUG_EXIT 0
+        HALT_FOREVER
+        SERIAL_PUTS_FN
+        STRING  go, "go\n"
