@@ -142,8 +142,8 @@ impl NativeVm {
 #[pymethods]
 impl NativeVm {
     #[new]
-    #[pyo3(signature = (memory, vcpus, tee=None))]
-    fn new(py: Python<'_>, memory: &Bound<'_, PyAny>, vcpus: usize, tee: Option<PathBuf>) -> PyResult<Self> {
+    #[pyo3(signature = (memory, vcpus, tee=None, precise="step"))]
+    fn new(py: Python<'_>, memory: &Bound<'_, PyAny>, vcpus: usize, tee: Option<PathBuf>, precise: &str) -> PyResult<Self> {
         let bytes = if let Ok(n) = memory.extract::<u64>() {
             n
         } else if let Ok(text) = memory.extract::<String>() {
@@ -152,7 +152,8 @@ impl NativeVm {
             return Err(to_py(py, Error::Config(format!("memory must be an int (bytes) or a size like \"64M\", got {memory}"))));
         };
         let tee = tee.map(|p| Tee::parse(&p.to_string_lossy()));
-        let builder = VmBuilder::new().memory(bytes).vcpus(vcpus).tee(tee);
+        let precise = precise.parse().py_err(py)?;
+        let builder = VmBuilder::new().memory(bytes).vcpus(vcpus).tee(tee).precise_mode(precise);
         let vm = py.detach(move || builder.build()).py_err(py)?;
         Ok(NativeVm { vm: Mutex::new(Some(Arc::new(vm))) })
     }
@@ -317,6 +318,12 @@ impl NativeVm {
     /// Removes a hook by id; returns whether it was registered.
     fn remove_hook(&self, py: Python<'_>, id: u64) -> PyResult<bool> {
         self.get()?.remove_hook(vmcore::hooks::HookId(id)).py_err(py)
+    }
+
+    /// How many instructions site-trap mode has replaced with int3.
+    #[getter]
+    fn planted_sites(&self) -> PyResult<usize> {
+        Ok(self.get()?.planted_sites())
     }
 
     /// CPUID entries static hooks set that the host's KVM did not keep:

@@ -7,8 +7,11 @@ import pytest
 import vmcore
 
 
-@pytest.mark.parametrize("precise", [False, True], ids=["static", "precise"])
-def test_cpuid_hook_logs_and_answers(vm, guests, precise):
+@pytest.mark.parametrize(
+    "precise,mode", [(False, "step"), (True, "step"), (True, "trap")], ids=["static", "single-step", "site-trap"]
+)
+def test_cpuid_hook_logs_and_answers(vm_factory, guests, precise, mode):
+    vm = vm_factory(precise=mode)
     log = []
 
     @vm.on_cpuid(0x40000100, precise=precise)
@@ -28,7 +31,9 @@ def test_cpuid_hook_logs_and_answers(vm, guests, precise):
         assert vm.cpuid_ignored() == []
 
 
-def test_cr8_write_is_logged_with_its_rip_and_a_cr4_write_is_vetoed(vm, guests):
+@pytest.mark.parametrize("mode", ["step", "trap"], ids=["single-step", "site-trap"])
+def test_cr8_write_is_logged_with_its_rip_and_a_cr4_write_is_vetoed(vm_factory, guests, mode):
+    vm = vm_factory(precise=mode)
     log = []
 
     @vm.on_cr(8)
@@ -48,6 +53,13 @@ def test_cr8_write_is_logged_with_its_rip_and_a_cr4_write_is_vetoed(vm, guests):
     assert cr8 == 5
     assert cr4 & 0x4 == 0, "the vetoed CR4 write never landed"
     assert vm.vcpus[0].regs.cr4 & 0x4 == 0
+    if mode == "trap":
+        assert "debug" not in vm.stats()["exits"], "site-trap mode does not single-step"
+
+
+def test_unknown_precise_mode_is_refused(vm_factory):
+    with pytest.raises(vmcore.ConfigError, match="precise mode"):
+        vm_factory(precise="telepathy")
 
 
 def test_cr_read_hook_supplies_the_value_read(vm, guests):

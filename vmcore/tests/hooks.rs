@@ -251,3 +251,51 @@ fn too_many_breakpoints_and_bad_registers_are_refused() {
     let err = vm.add_hook(Trigger::Cr { cr: 5, reads: true, writes: true }, nothing()).unwrap_err();
     assert!(err.to_string().contains("CR5"), "{err}");
 }
+
+#[test]
+fn site_trap_mode_answers_precise_hooks_without_single_stepping() {
+    if !kvm() {
+        return;
+    }
+    let vm = vmcore::VmBuilder::new().memory(32 << 20).precise_mode(vmcore::cpu::PreciseMode::Trap).build().unwrap();
+    load_elf(&vm, "cpuid.elf");
+    let rips = Arc::new(Mutex::new(Vec::new()));
+    let r = rips.clone();
+    vm.add_hook(
+        Trigger::Cpuid { leaf: 0x4000_0100, subleaf: None, precise: true },
+        Arc::new(move |ev: &mut Event| {
+            r.lock().unwrap().push(ev.rip);
+            ev.cpuid = Some([1, 2, 3, 4]);
+            Ok(())
+        }),
+    )
+    .unwrap();
+    assert_eq!(vm.planted_sites(), 1);
+    assert_eq!(vm.run(FIVE_SECONDS).unwrap().reason, ExitReason::Halted);
+    assert_eq!(vm.console().output(), "cpuid 40000100: eax=00000001 ebx=00000002 ecx=00000003 edx=00000004\n");
+    assert_eq!(*rips.lock().unwrap(), vec![symbol("cpuid.elf", "cpuid_site")]);
+    assert!(!vm.stats().exits.contains_key("debug"), "nothing was single-stepped");
+
+    // Control registers the same way, and the original bytes come back with the hooks gone.
+    let vm = vmcore::VmBuilder::new().memory(32 << 20).precise_mode(vmcore::cpu::PreciseMode::Trap).build().unwrap();
+    load_elf(&vm, "cr.elf");
+    let original = vm.read_phys(symbol("cr.elf", "cr4_write"), 3).unwrap();
+    let id = vm
+        .add_hook(
+            Trigger::Cr { cr: 4, reads: false, writes: true },
+            Arc::new(|ev: &mut Event| {
+                ev.veto();
+                Ok(())
+            }),
+        )
+        .unwrap();
+    assert_eq!(vm.read_phys(symbol("cr.elf", "cr4_write"), 1).unwrap(), [0xCC]);
+    assert_eq!(vm.run(FIVE_SECONDS).unwrap().reason, ExitReason::Halted);
+    let out = vm.console().output();
+    assert!(out.starts_with("cr8=0000000000000005\ncr4="), "CR8 was not hooked, so it ran natively: {out}");
+    let cr4 = u64::from_str_radix(out.lines().nth(1).unwrap().trim_start_matches("cr4="), 16).unwrap();
+    assert_eq!(cr4 & 4, 0, "{out}");
+    assert!(vm.remove_hook(id).unwrap());
+    assert_eq!(vm.read_phys(symbol("cr.elf", "cr4_write"), 3).unwrap(), original);
+    assert_eq!(vm.planted_sites(), 0);
+}

@@ -286,7 +286,11 @@ class Vm:
 
     ``memory`` is bytes or a size such as ``"64M"`` or ``"1G"``; ``vcpus`` the number of
     virtual CPUs; ``tee`` copies console output as it arrives to ``"stdout"``, ``"stderr"``
-    or a file path. Closing the VM (``close()``, ``with``, or garbage collection) stops it and
+    or a file path. ``precise`` chooses how precise CPUID and control-register hooks find
+    their instructions: ``"step"`` single-steps the guest (always correct, one exit per
+    instruction); ``"trap"`` replaces those instructions in the loaded image with ``int3``
+    (one exit per hooked instruction; code outside the image is not seen, and the guest
+    would see the ``int3`` if it read its own code). Closing the VM (``close()``, ``with``, or garbage collection) stops it and
     frees its threads, file descriptors and memory.
     """
 
@@ -296,8 +300,9 @@ class Vm:
         vcpus: int = 1,
         *,
         tee: Union[str, "os.PathLike[str]", None] = None,
+        precise: Literal["step", "trap"] = "step",
     ) -> None:
-        self._native = _native.NativeVm(memory, vcpus, None if tee is None else os.fspath(tee))
+        self._native = _native.NativeVm(memory, vcpus, None if tee is None else os.fspath(tee), precise)
         self._hook_ids: Dict[Callable[..., Any], List[int]] = {}
         self._console = Console(self._native)
         self._vcpus = tuple(Vcpu(self._native, i) for i in range(self._native.vcpu_count))

@@ -1,13 +1,14 @@
-use goblin::elf::{header, program_header::PT_LOAD, Elf};
+use goblin::elf::program_header::{PF_X, PT_LOAD};
+use goblin::elf::{header, Elf};
 
-use super::{overlaps_scratch, CpuMode, EntryPoint, SCRATCH_END, SCRATCH_START};
+use super::{overlaps_scratch, CodeRange, CpuMode, EntryPoint, LoadedImage, SCRATCH_END, SCRATCH_START};
 use crate::memory::GuestRam;
 use crate::{Error, Result};
 
 /// Loads an ELF32 or ELF64 executable by its PT_LOAD program headers at their physical
 /// addresses, zeroes BSS, and enters it at `e_entry`: ELF32 in protected mode, ELF64 in long
 /// mode. A virtual entry address is translated through the segment that contains it.
-pub fn load_elf(ram: &GuestRam, image: &[u8], name: &str) -> Result<EntryPoint> {
+pub fn load_elf(ram: &GuestRam, image: &[u8], name: &str) -> Result<LoadedImage> {
     let fail = |reason: String| Error::load(format!("ELF {name}"), reason);
     if image.len() < 4 || &image[..4] != b"\x7fELF" {
         return Err(fail("not an ELF file (no \\x7fELF magic)".into()));
@@ -67,5 +68,15 @@ pub fn load_elf(ram: &GuestRam, image: &[u8], name: &str) -> Result<EntryPoint> 
         ram.write(ph.p_paddr, file)?;
         ram.zero(ph.p_paddr + ph.p_filesz, ph.p_memsz - ph.p_filesz)?;
     }
-    Ok(EntryPoint { mode, address: entry_phys })
+    let code = loads
+        .iter()
+        .filter(|ph| ph.p_flags & PF_X != 0)
+        .map(|ph| CodeRange {
+            phys: ph.p_paddr,
+            virt: ph.p_vaddr,
+            len: ph.p_filesz,
+            bitness: if elf.is_64 { 64 } else { 32 },
+        })
+        .collect();
+    Ok(LoadedImage { entry: EntryPoint { mode, address: entry_phys }, code })
 }

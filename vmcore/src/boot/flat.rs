@@ -1,4 +1,4 @@
-use super::{overlaps_scratch, CpuMode, EntryPoint, SCRATCH_END, SCRATCH_START};
+use super::{overlaps_scratch, CodeRange, CpuMode, EntryPoint, LoadedImage, SCRATCH_END, SCRATCH_START};
 use crate::memory::GuestRam;
 use crate::{Error, Result};
 
@@ -6,7 +6,7 @@ use crate::{Error, Result};
 ///
 /// Real mode bases every segment at `address` (which must then be 16-byte aligned), so the
 /// code is assembled with origin 0. Protected and long mode need the scratch area free.
-pub fn load_flat(ram: &GuestRam, code: &[u8], address: u64, mode: CpuMode) -> Result<EntryPoint> {
+pub fn load_flat(ram: &GuestRam, code: &[u8], address: u64, mode: CpuMode) -> Result<LoadedImage> {
     let what = "flat binary";
     if code.is_empty() {
         return Err(Error::load(what, "the image is empty"));
@@ -43,5 +43,13 @@ pub fn load_flat(ram: &GuestRam, code: &[u8], address: u64, mode: CpuMode) -> Re
         _ => {}
     }
     ram.write(address, code)?;
-    Ok(EntryPoint { mode, address })
+    let bitness = match mode {
+        CpuMode::Real => 16,
+        CpuMode::Protected => 32,
+        CpuMode::Long => 64,
+    };
+    Ok(LoadedImage {
+        entry: EntryPoint { mode, address },
+        code: vec![CodeRange { phys: address, virt: address, len: code.len() as u64, bitness }],
+    })
 }

@@ -61,6 +61,25 @@ pub struct EntryPoint {
     pub address: u64,
 }
 
+/// Guest memory holding an image's executable code, where precise site-trap mode looks for
+/// the instructions it takes over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeRange {
+    pub phys: u64,
+    /// The linear address the code runs at (CS base + IP in real mode).
+    pub virt: u64,
+    pub len: u64,
+    /// The code size it is decoded with: 16, 32 or 64.
+    pub bitness: u32,
+}
+
+/// What a loader put in guest memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadedImage {
+    pub entry: EntryPoint,
+    pub code: Vec<CodeRange>,
+}
+
 /// Low memory that vmcore uses to enter protected and long mode: a GDT at
 /// [`SCRATCH_GDT`], identity page tables from [`SCRATCH_PML4`], and the initial stack below
 /// [`SCRATCH_END`]. Images must not overlap it unless they are entered in real mode.

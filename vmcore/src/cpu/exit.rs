@@ -147,8 +147,8 @@ pub(crate) enum Flow {
     End(Outcome),
     /// KVM_EXIT_INTERNAL_ERROR: the vCPU reads the details from its kvm_run.
     InternalError,
-    /// A debug exit, for the vCPU's stepping and breakpoint machinery.
-    Debug { pc: u64, dr6: u64 },
+    /// A debug exit, for the vCPU's stepping, breakpoint and site-trap machinery.
+    Debug { exception: u32, pc: u64, dr6: u64 },
 }
 
 /// The default MSR behaviour when no hook decides: the vCPU performs the access itself.
@@ -248,7 +248,7 @@ pub(crate) fn dispatch(exit: &Exit, rip: u64, env: &VcpuEnv, msrs: &dyn MsrAcces
             let ok = vetoed || msrs.write_msr(*index, rewritten.unwrap_or(*value)) || hooked;
             (Flow::Resume, Completion::Msr { value: 0, fault: !ok })
         }
-        Exit::Debug { pc, dr6, .. } => (Flow::Debug { pc: *pc, dr6: *dr6 }, Completion::Nothing),
+        Exit::Debug { exception, pc, dr6 } => (Flow::Debug { exception: *exception, pc: *pc, dr6: *dr6 }, Completion::Nothing),
         // Only seen without an in-kernel local APIC; vmcore always has one, but a HLT exit
         // still means what it says.
         Exit::Hlt => (Flow::End(Outcome::new(ExitReason::Halted)), Completion::Nothing),

@@ -7,7 +7,9 @@ mod exit;
 pub mod precise;
 pub mod kick;
 pub mod regs;
+pub mod sites;
 mod vcpu;
 
 pub use regs::{RegisterFile, REGISTER_NAMES};
+pub use precise::PreciseMode;
 pub use vcpu::{Vcpu, VcpuEnv, VcpuStatus, MAX_BREAKPOINTS};

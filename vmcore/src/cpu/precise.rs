@@ -8,6 +8,30 @@ use kvm_bindings::kvm_regs;
 use super::regs::RegisterFile;
 use crate::paging::{CR0_PG, EFER_LMA, EFER_LME};
 
+/// How precise hooks (CPUID and control registers) find their instructions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PreciseMode {
+    /// Single-step the guest and look at every instruction before it runs: always correct,
+    /// one exit per instruction.
+    #[default]
+    Step,
+    /// Plant `int3` at the wanted instructions of the loaded image (see `cpu::sites`): one
+    /// exit per intercepted instruction, but code outside the image or generated at run time
+    /// is not seen.
+    Trap,
+}
+
+impl std::str::FromStr for PreciseMode {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<PreciseMode> {
+        match s {
+            "step" => Ok(PreciseMode::Step),
+            "trap" => Ok(PreciseMode::Trap),
+            other => Err(crate::Error::Config(format!("unknown precise mode {other:?}: expected \"step\" or \"trap\""))),
+        }
+    }
+}
+
 /// An instruction precise mode takes over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Intercept {

@@ -1,16 +1,17 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use kvm_bindings::{
     kvm_guest_debug, kvm_msr_entry, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_GUESTDBG_ENABLE,
-    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP, KVM_INTERNAL_ERROR_EMULATION,
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED,
     KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_SYNC_X86_REGS,
 };
 use kvm_ioctls::{SyncReg, VcpuFd, VmFd};
 
 use super::exit::{call_hooks, complete, dispatch, hooked, Exit, Flow, MsrAccess};
-use super::precise::{self, Intercept};
+use super::precise::{self, Intercept, PreciseMode};
+use super::sites::Sites;
 use super::kick::ArmedThread;
 use super::regs::RegisterFile;
 use crate::boot::EntryPoint;
@@ -43,6 +44,9 @@ pub struct VcpuStatus {
 /// What the run loop needs from the machine around it.
 pub struct VcpuEnv<'a> {
     pub index: usize,
+    pub precise_mode: PreciseMode,
+    /// Planted sites, in site-trap mode.
+    pub sites: &'a RwLock<Sites>,
     pub ram: &'a GuestRam,
     pub io: &'a IoBus,
     pub hooks: &'a Hooks,
@@ -64,8 +68,11 @@ pub struct Vcpu {
 /// How KVM's guest debugging must be armed for the hooks that exist.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct DebugPlan {
-    /// Precise CPUID or control-register hooks: look at every instruction before it runs.
+    /// Precise CPUID or control-register hooks in single-step mode: look at every
+    /// instruction before it runs.
     precise: bool,
+    /// Precise hooks in site-trap mode: `int3` must exit to vmcore.
+    sites: bool,
     step_hooks: bool,
     breakpoints: Vec<u64>,
 }
@@ -75,11 +82,14 @@ impl DebugPlan {
         self.precise || self.step_hooks
     }
 
-    fn for_triggers(triggers: &[Trigger]) -> DebugPlan {
+    fn for_triggers(triggers: &[Trigger], mode: PreciseMode) -> DebugPlan {
         let mut plan = DebugPlan::default();
         for t in triggers {
             match t {
-                Trigger::Cpuid { precise: true, .. } | Trigger::Cr { .. } => plan.precise = true,
+                Trigger::Cpuid { precise: true, .. } | Trigger::Cr { .. } => match mode {
+                    PreciseMode::Step => plan.precise = true,
+                    PreciseMode::Trap => plan.sites = true,
+                },
                 Trigger::Step => plan.step_hooks = true,
                 Trigger::Breakpoint { address } if !plan.breakpoints.contains(address) => plan.breakpoints.push(*address),
                 _ => {}
@@ -115,6 +125,8 @@ fn hook_outcome(result: Result<(), HookError>, event: &mut Event) -> Option<Outc
 }
 
 const DR6_BREAKPOINTS: u64 = 0xF;
+/// The #BP exception (`int3`).
+const BP_VECTOR: u32 = 3;
 const DR6_SINGLE_STEP: u64 = 1 << 14;
 
 impl Vcpu {
@@ -186,7 +198,7 @@ impl Vcpu {
             }
             let generation = env.hooks.generation();
             if armed_generation != Some(generation) {
-                plan = DebugPlan::for_triggers(&env.hooks.triggers());
+                plan = DebugPlan::for_triggers(&env.hooks.triggers(), env.precise_mode);
                 if let Err(e) = vcpu.arm_debug(&plan, stepping_over, halting) {
                     return Some(vcpu.locate(Outcome::internal(e.to_string())));
                 }
@@ -204,7 +216,7 @@ impl Vcpu {
                             }
                         }
                     } else {
-                        (vcpu, emulated) = Vcpu::emulate(slot, vcpu, env, rf, &decoded);
+                        (vcpu, emulated) = Vcpu::emulate(slot, vcpu, env, rf, &decoded, false);
                     }
                     match emulated {
                         Emulated::NotHooked => {}
@@ -261,10 +273,39 @@ impl Vcpu {
                 Flow::Resume => {}
                 Flow::End(outcome) => return Some(vcpu.locate(outcome)),
                 Flow::InternalError => {
+                    // Where KVM emulates kernel code, a planted int3 arrives as an emulation
+                    // failure at the site.
+                    if plan.sites {
+                        let trapped;
+                        (vcpu, trapped) = Vcpu::trapped_site(slot, vcpu, env);
+                        match trapped {
+                            Emulated::Done => {
+                                synced = false;
+                                continue;
+                            }
+                            Emulated::End(outcome) => return Some(vcpu.locate(outcome)),
+                            Emulated::NotHooked => {}
+                        }
+                    }
                     let outcome = vcpu.internal_error(env.ram);
                     return Some(vcpu.locate(outcome));
                 }
-                Flow::Debug { pc, dr6 } => {
+                Flow::Debug { exception: BP_VECTOR, .. } if plan.sites => {
+                    let trapped;
+                    (vcpu, trapped) = Vcpu::trapped_site(slot, vcpu, env);
+                    synced = false;
+                    match trapped {
+                        Emulated::Done => {}
+                        Emulated::End(outcome) => return Some(vcpu.locate(outcome)),
+                        // Not ours: the guest's own breakpoint goes to the guest.
+                        Emulated::NotHooked => {
+                            if let Err(e) = vcpu.reinject_breakpoint() {
+                                return Some(vcpu.locate(Outcome::internal(e.to_string())));
+                            }
+                        }
+                    }
+                }
+                Flow::Debug { pc, dr6, .. } => {
                     let breakpoint = dr6 & DR6_BREAKPOINTS != 0
                         || (dr6 & DR6_SINGLE_STEP == 0 && plan.breakpoints.contains(&pc));
                     let kind = if stepping_over {
@@ -305,8 +346,11 @@ impl Vcpu {
         let mut debug = kvm_guest_debug::default();
         let single_step = (plan.single_step() || stepping_over) && !halting;
         let breakpoints = !plan.breakpoints.is_empty() && !stepping_over;
-        if single_step || breakpoints {
+        if single_step || breakpoints || plan.sites {
             debug.control = KVM_GUESTDBG_ENABLE;
+        }
+        if plan.sites {
+            debug.control |= KVM_GUESTDBG_USE_SW_BP;
         }
         if single_step {
             debug.control |= KVM_GUESTDBG_SINGLESTEP;
@@ -344,13 +388,38 @@ impl Vcpu {
         Some((rf, decoded))
     }
 
-    /// Runs the hooks for an intercepted instruction and performs it as they decided.
+    /// The site-trap path: if the vCPU stopped on a planted `int3`, emulates the instruction
+    /// it replaced (with hooks, or as the CPU would when no hook wants this one).
+    fn trapped_site<'a>(slot: &'a Mutex<Vcpu>, vcpu: Guard<'a>, env: &VcpuEnv) -> (Guard<'a>, Emulated) {
+        let Ok(rf) = vcpu.registers() else { return (vcpu, Emulated::NotHooked) };
+        let site = env.sites.read().unwrap_or_else(|p| p.into_inner()).get(rf.linear_rip()).map(|s| s.decoded.clone());
+        match site {
+            Some(decoded) => Vcpu::emulate(slot, vcpu, env, rf, &decoded, true),
+            None => (vcpu, Emulated::NotHooked),
+        }
+    }
+
+    /// Delivers a #BP the guest raised itself (with KVM_GUESTDBG_USE_SW_BP it came to
+    /// vmcore) back to the guest. RIP stays at the `int3`; KVM re-executes it as a software
+    /// exception of the length it recorded at the exit.
+    fn reinject_breakpoint(&self) -> Result<()> {
+        let mut events = self.fd.get_vcpu_events().map_err(Error::kvm("GET_VCPU_EVENTS"))?;
+        events.exception.injected = 1;
+        events.exception.nr = BP_VECTOR as u8;
+        events.exception.has_error_code = 0;
+        self.fd.set_vcpu_events(&events).map_err(Error::kvm("SET_VCPU_EVENTS"))
+    }
+
+    /// Runs the hooks for an intercepted instruction and performs it as they decided. Without
+    /// `always`, an instruction no hook wants is left to the guest (`NotHooked`); with it
+    /// (site-trap mode, where the original is gone from memory), it is emulated anyway.
     fn emulate<'a>(
         slot: &'a Mutex<Vcpu>,
         vcpu: Guard<'a>,
         env: &VcpuEnv,
         rf: RegisterFile,
         decoded: &precise::Decoded,
+        always: bool,
     ) -> (Guard<'a>, Emulated) {
         let (kind, value) = match decoded.intercept {
             Intercept::Cpuid => (EventKind::Cpuid { leaf: rf.regs.rax as u32, subleaf: rf.regs.rcx as u32 }, None),
@@ -361,7 +430,8 @@ impl Vcpu {
             Intercept::CrRead { cr, .. } => (EventKind::Cr { cr, write: false, old: precise::cr_value(&rf, cr) }, None),
             Intercept::Hlt => return (vcpu, Emulated::NotHooked),
         };
-        if !env.hooks.wants(&kind) {
+        let wanted = env.hooks.wants(&kind);
+        if !wanted && !always {
             return (vcpu, Emulated::NotHooked);
         }
         {
@@ -375,9 +445,13 @@ impl Vcpu {
         }
         let mut event = Event::new(env.index, rf.regs.rip, kind, value);
         event.instruction = decoded.text.clone();
-        let (vcpu, result) = unlocked(slot, vcpu, || call_hooks(env, &mut event));
-        if let Some(outcome) = hook_outcome(result, &mut event) {
-            return (vcpu, Emulated::End(outcome));
+        let mut vcpu = vcpu;
+        if wanted {
+            let result;
+            (vcpu, result) = unlocked(slot, vcpu, || call_hooks(env, &mut event));
+            if let Some(outcome) = hook_outcome(result, &mut event) {
+                return (vcpu, Emulated::End(outcome));
+            }
         }
         // Hooks may have changed registers through the VM: start from what KVM has now.
         let mut now = match vcpu.registers() {

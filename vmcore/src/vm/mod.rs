@@ -8,7 +8,7 @@
 mod supervisor;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,9 +19,11 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 
-use crate::boot::{self, CpuMode, EntryPoint};
+use crate::boot::{self, CodeRange, CpuMode, EntryPoint, LoadedImage};
 use crate::console::{Console, Tee};
-use crate::cpu::{cpuid, kick, RegisterFile, Vcpu, VcpuStatus, MAX_BREAKPOINTS};
+use crate::cpu::precise::Intercept;
+use crate::cpu::sites::Sites;
+use crate::cpu::{cpuid, kick, PreciseMode, RegisterFile, Vcpu, VcpuStatus, MAX_BREAKPOINTS};
 use crate::devices::{lock, DebugExit, IoBus, IrqLine, SerialPort, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
 use crate::hooks::{Event, EventKind, HookFn, HookId, Hooks, Trigger};
 use crate::memory::GuestRam;
@@ -52,11 +54,12 @@ pub struct VmBuilder {
     memory: u64,
     vcpus: usize,
     tee: Option<Tee>,
+    precise_mode: PreciseMode,
 }
 
 impl Default for VmBuilder {
     fn default() -> Self {
-        VmBuilder { memory: 64 << 20, vcpus: 1, tee: None }
+        VmBuilder { memory: 64 << 20, vcpus: 1, tee: None, precise_mode: PreciseMode::default() }
     }
 }
 
@@ -79,6 +82,12 @@ impl VmBuilder {
     /// Copies console output to stdout, stderr or a file as it arrives.
     pub fn tee(mut self, tee: Option<Tee>) -> Self {
         self.tee = tee;
+        self
+    }
+
+    /// How precise CPUID and control-register hooks find their instructions.
+    pub fn precise_mode(mut self, mode: PreciseMode) -> Self {
+        self.precise_mode = mode;
         self
     }
 
@@ -133,6 +142,9 @@ impl VmBuilder {
             stop: AtomicBool::new(false),
             run: Mutex::new(RunState { phase: Phase::Empty, has_run: false, end: None, alive: 0 }),
             msr_exits: Mutex::new(false),
+            precise_mode: self.precise_mode,
+            code: Mutex::new(Vec::new()),
+            sites: RwLock::new(Sites::default()),
             cpuid_ignored: Mutex::new(Vec::new()),
             changed: Condvar::new(),
         };
@@ -177,6 +189,10 @@ pub(crate) struct Machine {
     msr_exits: Mutex<bool>,
     /// CPUID entries static hooks set that KVM did not keep.
     cpuid_ignored: Mutex<Vec<CpuidIgnored>>,
+    precise_mode: PreciseMode,
+    /// The loaded image's executable code, where site-trap mode plants its sites.
+    code: Mutex<Vec<CodeRange>>,
+    sites: RwLock<Sites>,
     run: Mutex<RunState>,
     changed: Condvar,
 }
@@ -255,15 +271,42 @@ impl Vm {
         self.load_elf_bytes(&image, &path.display().to_string())
     }
 
-    fn load_with(&self, load: impl FnOnce(&GuestRam) -> Result<EntryPoint>) -> Result<EntryPoint> {
+    fn load_with(&self, load: impl FnOnce(&GuestRam) -> Result<LoadedImage>) -> Result<EntryPoint> {
         let mut st = lock(&self.machine.run);
         if matches!(st.phase, Phase::Running) {
             return Err(Error::State("cannot load an image while the VM is running".into()));
         }
-        let entry = load(&self.machine.ram)?;
-        lock(&self.machine.vcpus[0]).enter(&self.machine.ram, &entry)?;
+        // The previous image's sites go back to what they were before new code lands.
+        self.machine.sites.write().unwrap_or_else(|p| p.into_inner()).restore(&self.machine.ram)?;
+        let image = load(&self.machine.ram)?;
+        lock(&self.machine.vcpus[0]).enter(&self.machine.ram, &image.entry)?;
+        *lock(&self.machine.code) = image.code;
+        self.plant_sites()?;
         st.phase = Phase::Ready;
-        Ok(entry)
+        Ok(image.entry)
+    }
+
+    /// In site-trap mode, keeps `int3` at exactly the instructions precise hooks want.
+    fn plant_sites(&self) -> Result<()> {
+        if self.machine.precise_mode != PreciseMode::Trap {
+            return Ok(());
+        }
+        let triggers = self.machine.hooks.triggers();
+        let wanted = |intercept: &Intercept| {
+            triggers.iter().any(|t| match (t, intercept) {
+                (Trigger::Cpuid { precise: true, .. }, Intercept::Cpuid) => true,
+                (Trigger::Cr { cr, writes, .. }, Intercept::CrWrite { cr: c, .. }) => cr == c && *writes,
+                (Trigger::Cr { cr, reads, .. }, Intercept::CrRead { cr: c, .. }) => cr == c && *reads,
+                _ => false,
+            })
+        };
+        let code = lock(&self.machine.code).clone();
+        self.machine.sites.write().unwrap_or_else(|p| p.into_inner()).replant(&self.machine.ram, &code, wanted)
+    }
+
+    /// How many sites site-trap mode has planted (for tests and statistics).
+    pub fn planted_sites(&self) -> usize {
+        self.machine.sites.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Starts the vCPUs and returns at once. With `timeout`, the run ends with outcome
@@ -444,7 +487,7 @@ impl Vm {
     pub fn add_hook(&self, trigger: Trigger, callback: HookFn) -> Result<HookId> {
         self.check_trigger(&trigger)?;
         let id = self.machine.hooks.add(trigger, callback);
-        if let Err(e) = self.arm_msr_exits() {
+        if let Err(e) = self.arm_msr_exits().and_then(|()| self.plant_sites()) {
             self.machine.hooks.remove(id);
             return Err(e);
         }
@@ -456,6 +499,7 @@ impl Vm {
         let removed = self.machine.hooks.remove(id).is_some();
         if removed {
             self.arm_msr_exits()?;
+            self.plant_sites()?;
         }
         Ok(removed)
     }

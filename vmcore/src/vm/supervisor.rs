@@ -136,6 +136,8 @@ fn vcpu_thread(machine: &Machine, index: usize) {
     let _alive = Alive(machine, index);
     let env = VcpuEnv {
         index,
+        precise_mode: machine.precise_mode,
+        sites: &machine.sites,
         hooks: &machine.hooks,
         ram: &machine.ram,
         io: &machine.io,
