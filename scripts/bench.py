@@ -4,6 +4,11 @@ ratio between them is the result; absolute times depend on the host.
 startup: from ``vmcore.Vm(...)`` in Python to the guest's first console line and to its exit
 (debug-exit), against a C program doing the same with bare KVM ioctls (scripts/floors/
 raw_floor.c); and VMs created, run and destroyed per second, against the same program.
+
+hooks: the cost of one port exit handled by vmcore in Rust (no hook), by a Python hook and
+by a Lua hook, against the raw loop; the cost per instruction of precise single-step mode
+against raw single-step; and a CPUID-heavy guest under precise hooks in single-step mode
+against site-trap mode.
 """
 
 from __future__ import annotations
@@ -140,12 +145,115 @@ def startup(runs: int, as_json: bool) -> int:
     return 0
 
 
+def floor_run(guest: str, runs: int, single_step: bool = False) -> Dict[str, float]:
+    """The floor's time from the guest's first line to its exit (median, microseconds)."""
+    args = [str(build_floor("raw_floor")), str(GUESTS / guest), "--iterations", str(runs), "--json"]
+    if single_step:
+        args.append("--single-step")
+    d = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
+    return {"us": d["line_to_exit_us"]["median"], "debug_exits": d["debug_exits"]}
+
+
+def vmcore_run(guest: str, runs: int, setup=None, mode: str = "real", **vm_args: object) -> float:
+    """vmcore's time from the guest's first line to its exit (median, microseconds)."""
+    times = []
+    for _ in range(runs):
+        with vmcore.Vm(memory=f"{MEMORY_MIB}M", **vm_args) as vm:
+            if setup is not None:
+                setup(vm)
+            vm.load_flat((GUESTS / guest).read_bytes(), address=LOAD_ADDRESS if mode == "real" else 0x100000, mode=mode)
+            vm.start(timeout=120)
+            vm.console.expect("go\n", timeout=120)
+            t0 = time.perf_counter()
+            outcome = vm.wait()
+            times.append((time.perf_counter() - t0) * 1e6)
+            assert outcome is not None and outcome.reason == "debug_exit", outcome
+    return statistics.median(times)
+
+
+LUA_PORT_BENCH = r"""
+package.cpath = arg[1] .. "/target/lua/?.so;" .. package.cpath
+local vmcore = require("vmcore")
+local f = assert(io.open(arg[1] .. "/target/guests/bench-ports.bin", "rb"))
+local code = f:read("a"); f:close()
+local best = {}
+for i = 1, tonumber(arg[2]) do
+  local vm = vmcore.Vm{memory="64M"}
+  vm:on_io(0x80, {write=true}, function(ev) end)
+  vm:load_flat(code, {address=0x10000, mode="real"})
+  vm:start{timeout=120}
+  vm.console:expect("go
+", 120)
+  local t0 = vmcore.monotonic()
+  local out = vm:wait()
+  best[#best + 1] = (vmcore.monotonic() - t0) * 1e6
+  assert(out.reason == "debug_exit", out.reason)
+  vm:close()
+end
+table.sort(best)
+print(best[(#best + 1) // 2])
+"""
+
+
+def lua_port_hook(runs: int) -> float:
+    out = subprocess.run(["lua5.4", "-", str(ROOT), str(runs)], input=LUA_PORT_BENCH, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the Lua port benchmark failed: {out.stderr.strip()}")
+    return float(out.stdout.strip())
+
+
+def hooks(runs: int, as_json: bool) -> int:
+    ports = 50000
+    rows = []
+    floor_ports = floor_run("bench-ports.bin", runs)["us"]
+
+    def count_port(vm: vmcore.Vm) -> None:
+        vm.on_io(0x80, write=True)(lambda ev: None)
+
+    for label, us in (
+        ("port exit, Rust (no hook)", vmcore_run("bench-ports.bin", runs)),
+        ("port exit, Python hook", vmcore_run("bench-ports.bin", runs, setup=count_port)),
+        ("port exit, Lua hook", lua_port_hook(runs)),
+    ):
+        rows.append({"metric": label, "floor_us": floor_ports / ports, "vmcore_us": us / ports, "ratio": us / floor_ports})
+
+    steps = floor_run("bench-steps.bin", runs, single_step=True)
+    stepped = steps["debug_exits"]
+
+    def precise_cpuid(vm: vmcore.Vm) -> None:
+        vm.on_cpuid(0x40000100, precise=True)(lambda ev: None)
+
+    precise = vmcore_run("bench-steps.bin", runs, setup=precise_cpuid)
+    rows.append(
+        {"metric": "instruction, precise single-step", "floor_us": steps["us"] / stepped,
+         "vmcore_us": precise / stepped, "ratio": precise / steps["us"]}
+    )
+    single = vmcore_run("bench-cpuid.bin", runs, setup=precise_cpuid, mode="long", precise="step")
+    trap = vmcore_run("bench-cpuid.bin", runs, setup=precise_cpuid, mode="long", precise="trap")
+    rows.append(
+        {"metric": "CPUID loop, site-trap vs single-step", "floor_us": single / 1000,
+         "vmcore_us": trap / 1000, "ratio": trap / single}
+    )
+    if as_json:
+        print(json.dumps({"benchmark": "hooks", "runs": runs, "rows": rows}, indent=2))
+        return 0
+    print("hooks: per-event cost against a floor measured in this run (medians of", runs, "runs)")
+    print(f"  {'':40}{'floor':>12}{'vmcore':>12}{'ratio':>9}")
+    for r in rows:
+        print(f"  {r['metric']:40}{r['floor_us']:>9.2f} us{r['vmcore_us']:>9.2f} us{r['ratio']:>8.2f}x")
+    print("  floors: raw KVM loop (ports), raw KVM single-step (instructions), precise single-step (CPUID loop)")
+    print("  goals: Rust 1.10x, Python 1.30x, Lua 1.30x, precise single-step 1.15x; site-trap well below 1x")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", nargs="?", default="startup", choices=["startup"])
+    parser.add_argument("benchmark", nargs="?", default="startup", choices=["startup", "hooks"])
     parser.add_argument("--runs", type=int, default=50, help="runs per side (default 50)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
+    if args.benchmark == "hooks":
+        return hooks(max(1, args.runs // 10), args.json)
     return startup(args.runs, args.json)
 
 

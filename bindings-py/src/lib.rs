@@ -353,6 +353,13 @@ impl NativeVm {
     }
 }
 
+/// Whether a real-mode int3 reaches vmcore on this host (site-trap mode needs it for 16-bit
+/// code); probed once per process.
+#[pyfunction]
+fn real_mode_int3_traps(py: Python<'_>) -> bool {
+    py.detach(vmcore::host::real_mode_int3_traps)
+}
+
 /// Parses "64M"-style sizes exactly as `Vm(memory=...)` does.
 #[pyfunction]
 fn parse_memory_size(py: Python<'_>, text: &str) -> PyResult<u64> {
@@ -364,6 +371,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeVm>()?;
     m.add_class::<hooks::HookEvent>()?;
     m.add_function(wrap_pyfunction!(parse_memory_size, m)?)?;
+    m.add_function(wrap_pyfunction!(real_mode_int3_traps, m)?)?;
     m.add("REGISTER_NAMES", vmcore::cpu::REGISTER_NAMES.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

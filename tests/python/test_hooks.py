@@ -57,6 +57,19 @@ def test_cr8_write_is_logged_with_its_rip_and_a_cr4_write_is_vetoed(vm_factory, 
         assert "debug" not in vm.stats()["exits"], "site-trap mode does not single-step"
 
 
+def test_site_trap_mode_and_real_mode_code(vm_factory, guests):
+    vm = vm_factory(precise="trap")
+    vm.load_flat(guests.bytes("hello-real.bin"), address=0x10000, mode="real")
+    hook = vm.on_cpuid(0x40000100, precise=True)
+    if vmcore._native.real_mode_int3_traps():
+        hook(lambda ev: None)
+        assert vm.run(timeout=5).reason == "halted"
+    else:
+        # Here KVM runs a real-mode int3 through the guest's IVT: the trap would never come.
+        with pytest.raises(vmcore.ConfigError, match="cannot trap real-mode code on this host"):
+            hook(lambda ev: None)
+
+
 def test_unknown_precise_mode_is_refused(vm_factory):
     with pytest.raises(vmcore.ConfigError, match="precise mode"):
         vm_factory(precise="telepathy")

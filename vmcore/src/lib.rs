@@ -14,6 +14,7 @@ pub mod console;
 pub mod cpu;
 pub mod devices;
 pub mod hooks;
+pub mod host;
 mod error;
 pub mod outcome;
 pub mod stats;

@@ -7,6 +7,7 @@ __version__: str
 REGISTER_NAMES: List[str]
 
 def parse_memory_size(text: str) -> int: ...
+def real_mode_int3_traps() -> bool: ...
 
 class HookEvent:
     vcpu: int

@@ -39,6 +39,9 @@ pub struct VcpuStatus {
     /// Whether the vCPU, when last probed, could not run again by itself: halted with
     /// interrupts off, or an AP still waiting for INIT/SIPI. Cleared by any exit.
     pub parked: AtomicBool,
+    /// Bumped whenever registers are written from outside the run loop (a hook using its
+    /// VM), so the loop knows its copy went stale.
+    pub register_writes: AtomicU64,
 }
 
 /// What the run loop needs from the machine around it.
@@ -277,7 +280,7 @@ impl Vcpu {
                     // failure at the site.
                     if plan.sites {
                         let trapped;
-                        (vcpu, trapped) = Vcpu::trapped_site(slot, vcpu, env);
+                        (vcpu, trapped) = Vcpu::trapped_site(slot, vcpu, env, synced);
                         match trapped {
                             Emulated::Done => {
                                 synced = false;
@@ -292,7 +295,7 @@ impl Vcpu {
                 }
                 Flow::Debug { exception: BP_VECTOR, .. } if plan.sites => {
                     let trapped;
-                    (vcpu, trapped) = Vcpu::trapped_site(slot, vcpu, env);
+                    (vcpu, trapped) = Vcpu::trapped_site(slot, vcpu, env, synced);
                     synced = false;
                     match trapped {
                         Emulated::Done => {}
@@ -363,9 +366,10 @@ impl Vcpu {
             }
         }
         self.fd.set_guest_debug(&debug).map_err(Error::kvm("SET_GUEST_DEBUG"))?;
-        // Precise mode reads CS and the paging registers before every instruction.
+        // Precise and site-trap modes read CS and the paging registers at every instruction
+        // they look at.
         if self.sync_regs {
-            if plan.precise {
+            if plan.precise || plan.sites {
                 self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
             } else {
                 self.fd.clear_sync_valid_reg(SyncReg::SystemRegister);
@@ -374,14 +378,19 @@ impl Vcpu {
         Ok(())
     }
 
+    /// The registers now: KVM's synced copy when it is current, else read with ioctls.
+    fn current_registers(&self, synced: bool) -> Result<RegisterFile> {
+        if synced {
+            let s = self.fd.sync_regs();
+            Ok(RegisterFile { regs: s.regs, sregs: s.sregs })
+        } else {
+            self.registers()
+        }
+    }
+
     /// The registers now and the instruction at RIP, if it is one precise mode takes.
     fn next_intercept(&self, ram: &GuestRam, synced: bool) -> Option<(RegisterFile, precise::Decoded)> {
-        let rf = if synced {
-            let s = self.fd.sync_regs();
-            RegisterFile { regs: s.regs, sregs: s.sregs }
-        } else {
-            self.registers().ok()?
-        };
+        let rf = self.current_registers(synced).ok()?;
         let mut bytes = [0u8; 15];
         let n = fetch_code(ram, &rf, &mut bytes);
         let decoded = precise::decode(&bytes[..n], precise::bitness(&rf), rf.regs.rip)?;
@@ -390,8 +399,8 @@ impl Vcpu {
 
     /// The site-trap path: if the vCPU stopped on a planted `int3`, emulates the instruction
     /// it replaced (with hooks, or as the CPU would when no hook wants this one).
-    fn trapped_site<'a>(slot: &'a Mutex<Vcpu>, vcpu: Guard<'a>, env: &VcpuEnv) -> (Guard<'a>, Emulated) {
-        let Ok(rf) = vcpu.registers() else { return (vcpu, Emulated::NotHooked) };
+    fn trapped_site<'a>(slot: &'a Mutex<Vcpu>, vcpu: Guard<'a>, env: &VcpuEnv, synced: bool) -> (Guard<'a>, Emulated) {
+        let Ok(rf) = vcpu.current_registers(synced) else { return (vcpu, Emulated::NotHooked) };
         let site = env.sites.read().unwrap_or_else(|p| p.into_inner()).get(rf.linear_rip()).map(|s| s.decoded.clone());
         match site {
             Some(decoded) => Vcpu::emulate(slot, vcpu, env, rf, &decoded, true),
@@ -446,6 +455,7 @@ impl Vcpu {
         let mut event = Event::new(env.index, rf.regs.rip, kind, value);
         event.instruction = decoded.text.clone();
         let mut vcpu = vcpu;
+        let writes_before = env.status.register_writes.load(Ordering::Acquire);
         if wanted {
             let result;
             (vcpu, result) = unlocked(slot, vcpu, || call_hooks(env, &mut event));
@@ -453,11 +463,14 @@ impl Vcpu {
                 return (vcpu, Emulated::End(outcome));
             }
         }
-        // Hooks may have changed registers through the VM: start from what KVM has now.
-        let mut now = match vcpu.registers() {
-            Ok(now) => now,
-            Err(e) => return (vcpu, Emulated::End(Outcome::internal(e.to_string()))),
-        };
+        // A hook that changed registers through the VM changed what the instruction sees.
+        let mut now = rf;
+        if env.status.register_writes.load(Ordering::Acquire) != writes_before {
+            match vcpu.registers() {
+                Ok(fresh) => now = fresh,
+                Err(e) => return (vcpu, Emulated::End(Outcome::internal(e.to_string()))),
+            }
+        }
         let mut sregs_changed = false;
         match (decoded.intercept, &event.kind) {
             (Intercept::Cpuid, EventKind::Cpuid { leaf, subleaf }) => {

@@ -301,6 +301,14 @@ impl Vm {
             })
         };
         let code = lock(&self.machine.code).clone();
+        let any_wanted = triggers.iter().any(|t| matches!(t, Trigger::Cpuid { precise: true, .. } | Trigger::Cr { .. }));
+        if any_wanted && code.iter().any(|c| c.bitness == 16) && !crate::host::real_mode_int3_traps() {
+            return Err(Error::Config(
+                "site-trap mode cannot trap real-mode code on this host: its KVM runs a real-mode int3 through \
+                 the guest's interrupt vector table without exiting; use precise mode \"step\""
+                    .into(),
+            ));
+        }
         self.machine.sites.write().unwrap_or_else(|p| p.into_inner()).replant(&self.machine.ram, &code, wanted)
     }
 
@@ -438,15 +446,16 @@ impl Vm {
     }
 
     pub fn set_registers(&self, vcpu: usize, registers: &RegisterFile) -> Result<()> {
-        self.vcpu(vcpu)?.set_registers(registers)
+        self.vcpu(vcpu)?.set_registers(registers)?;
+        self.machine.status[vcpu].register_writes.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Sets one register by name (see [`crate::cpu::REGISTER_NAMES`]).
     pub fn set_register(&self, vcpu: usize, name: &str, value: u64) -> Result<()> {
-        let v = self.vcpu(vcpu)?;
-        let mut rf = v.registers()?;
+        let mut rf = self.registers(vcpu)?;
         rf.set(name, value)?;
-        v.set_registers(&rf)
+        self.set_registers(vcpu, &rf)
     }
 
     pub fn read_phys(&self, address: u64, len: usize) -> Result<Vec<u8>> {

@@ -1,0 +1,62 @@
+//! Facts about this host's KVM that vmcore needs to decide how to do something, found by
+//! probing once per process with a throwaway VM.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_guest_debug, kvm_userspace_memory_region, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_SW_BP};
+use kvm_ioctls::{Kvm, VcpuExit};
+
+/// Whether an `int3` executed in real mode reaches vmcore (as a #BP debug exit with
+/// KVM_GUESTDBG_USE_SW_BP, or an emulation failure) instead of going through the guest's
+/// interrupt vector table. True on VT-x/AMD-V; false where KVM's emulator runs real mode
+/// itself. Site-trap mode needs it for 16-bit code.
+pub fn real_mode_int3_traps() -> bool {
+    static ANSWER: OnceLock<bool> = OnceLock::new();
+    *ANSWER.get_or_init(|| probe_real_mode_int3().unwrap_or(false))
+}
+
+/// Runs `int3` at 0x1000:0 in real mode with vector 3 pointing at an `out %al,$0xf4`: a port
+/// exit means the guest took the interrupt itself.
+fn probe_real_mode_int3() -> Option<bool> {
+    const RAM: usize = 0x20000;
+    const HANDLER: u16 = 0x500;
+    let kvm = Kvm::new().ok()?;
+    let vm = kvm.create_vm().ok()?;
+    let ram = vm_memory::MmapRegion::<()>::new(RAM).ok()?;
+    // SAFETY: `ram` is a fresh anonymous mapping of RAM bytes that outlives the VM (both are
+    // dropped at the end of this function, the VM first, as declared later).
+    let bytes = unsafe { std::slice::from_raw_parts_mut(ram.as_ptr(), RAM) };
+    bytes[0x0C..0x10].copy_from_slice(&[HANDLER as u8, (HANDLER >> 8) as u8, 0, 0]); // IVT[3] = 0000:0500
+    bytes[HANDLER as usize..HANDLER as usize + 2].copy_from_slice(&[0xE6, 0xF4]); // out %al,$0xf4
+    bytes[0x10000] = 0xCC; // int3
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: RAM as u64,
+        userspace_addr: ram.as_ptr() as u64,
+    };
+    // SAFETY: the region maps `ram`, which lives until after the VM fd is closed.
+    unsafe { vm.set_user_memory_region(region) }.ok()?;
+    let mut vcpu = vm.create_vcpu(0).ok()?;
+    let mut sregs = vcpu.get_sregs().ok()?;
+    for seg in [&mut sregs.cs, &mut sregs.ds, &mut sregs.es, &mut sregs.ss] {
+        seg.base = 0x10000;
+        seg.selector = 0x1000;
+    }
+    vcpu.set_sregs(&sregs).ok()?;
+    vcpu.set_regs(&kvm_bindings::kvm_regs { rflags: 2, rsp: 0xFFF0, ..Default::default() }).ok()?;
+    let debug = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP, ..Default::default() };
+    vcpu.set_guest_debug(&debug).ok()?;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        match vcpu.run() {
+            Ok(VcpuExit::Debug(_)) | Ok(VcpuExit::InternalError) => return Some(true),
+            Ok(VcpuExit::IoOut(0xF4, _)) => return Some(false),
+            Ok(VcpuExit::Intr) | Err(_) => continue,
+            Ok(_) => return None,
+        }
+    }
+    None
+}
