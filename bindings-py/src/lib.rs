@@ -338,6 +338,7 @@ impl NativeVm {
         let d = PyDict::new(py);
         d.set_item("exits", s.exits.clone())?;
         d.set_item("exits_total", s.total_exits())?;
+        d.set_item("ports", s.ports.clone())?;
         d.set_item("unhandled_port_reads", s.unhandled_port_reads.clone())?;
         d.set_item("unhandled_port_writes", s.unhandled_port_writes.clone())?;
         d.set_item("unhandled_mmio_reads", s.unhandled_mmio_reads.clone())?;

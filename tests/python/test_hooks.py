@@ -197,3 +197,19 @@ def test_hook_limits_are_checked(vm, guests):
     vm.run(timeout=5)
     with pytest.raises(vmcore.VmStateError, match="before the first run"):
         vm.on_cpuid(1)(lambda ev: None)
+
+
+def test_hlt_hook_hears_the_halt_and_may_stop(vm, guests):
+    halts = []
+
+    @vm.on_hlt()
+    def halted(ev):
+        halts.append(ev.rip)
+        ev.stop("halted at the end")
+
+    vm.load_elf(guests.path("hello-long.elf"))
+    outcome = vm.run(timeout=5)
+    halt_here = guests.symbol("hello-long.elf", "halt_here")
+    assert (outcome.reason, outcome.result) == ("hook_stop", "halted at the end")
+    assert halts == [halt_here + 1], "RIP is past the hlt while the vCPU sleeps"
+    assert vm.stats()["ports"][0x3F8] == len("hello from elf64\n")

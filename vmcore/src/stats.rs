@@ -7,6 +7,8 @@ use std::time::Duration;
 pub struct ExitStats {
     /// KVM exits by reason name (`io_in`, `io_out`, `mmio_read`, `hlt`, `kick`, ...).
     pub exits: BTreeMap<&'static str, u64>,
+    /// Port I/O exits, by port.
+    pub ports: BTreeMap<u16, u64>,
     /// Port reads no device claimed (they returned all-ones), by port.
     pub unhandled_port_reads: BTreeMap<u16, u64>,
     /// Port writes no device claimed (dropped), by port.
@@ -39,6 +41,7 @@ impl ExitStats {
             }
         }
         add(&mut self.exits, &other.exits);
+        add(&mut self.ports, &other.ports);
         add(&mut self.unhandled_port_reads, &other.unhandled_port_reads);
         add(&mut self.unhandled_port_writes, &other.unhandled_port_writes);
         add(&mut self.unhandled_mmio_reads, &other.unhandled_mmio_reads);

@@ -446,6 +446,12 @@ class Vm:
         """Decorator: ``fn(ev)`` after every instruction (single-step); ``ev.rip`` is the next."""
         return self._hook("step")
 
+    def on_hlt(self) -> Callable[[Hook], Hook]:
+        """Decorator: ``fn(ev)`` once when a vCPU is found halted with interrupts off (found
+        within about 50 ms); ``ev.stop(result)`` ends the run, else it ends ``"halted"`` when
+        every vCPU is."""
+        return self._hook("hlt")
+
     def on_shutdown(self) -> Callable[[Hook], Hook]:
         """Decorator: ``fn(ev)`` on a triple fault, before the run ends with ``"shutdown"``."""
         return self._hook("shutdown")
@@ -504,8 +510,11 @@ class Vm:
         return self._native.translate(vcpu, address)
 
     def stats(self) -> Dict[str, Any]:
-        """Exit counters: ``exits`` by reason, ``exits_total``, and unhandled port and MMIO
-        accesses by port or address (unhandled reads return all-ones, writes are dropped)."""
+        """Exit counters: ``exits`` by reason, ``exits_total``, ``ports`` (port exits by port),
+        unhandled port and MMIO accesses by port or address (unhandled reads return all-ones,
+        writes are dropped), ``msr_reads``/``msr_writes`` by index, ``cpuid_leaves`` and
+        ``cr_accesses`` emulated by precise mode, ``hook_events`` by kind, ``hook_calls`` and
+        ``hook_seconds`` (time spent in hooks)."""
         return self._native.stats()
 
     def __repr__(self) -> str:

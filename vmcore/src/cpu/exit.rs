@@ -188,6 +188,9 @@ pub(crate) fn dispatch(exit: &Exit, rip: u64, env: &VcpuEnv, msrs: &dyn MsrAcces
     let rewritten = event.as_ref().and_then(|ev| ev.value);
 
     let mut stats = lock(env.stats);
+    if let Exit::IoIn { port, .. } | Exit::IoOut { port, .. } = exit {
+        *stats.ports.entry(*port).or_default() += 1;
+    }
     Ok(match exit {
         Exit::IoIn { port, len } => {
             let mut data = vec![0xFFu8; *len];

@@ -102,6 +102,16 @@ impl DebugPlan {
     }
 }
 
+/// Why a vCPU cannot run again by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Parked {
+    No,
+    /// HLT with interrupts disabled.
+    Halted,
+    /// An application processor that has not been started.
+    WaitingForSipi,
+}
+
 /// How the loop continues after an instruction precise mode looked at.
 enum Emulated {
     /// No hook wants it: let the guest run it.
@@ -244,7 +254,20 @@ impl Vcpu {
                     lock(env.stats).count_exit("kick");
                     let request = env.status.probe_request.load(Ordering::Acquire);
                     if request != env.status.probe_answer.load(Ordering::Relaxed) {
-                        env.status.parked.store(vcpu.is_parked(), Ordering::Release);
+                        let was_parked = env.status.parked.load(Ordering::Acquire);
+                        let parked = vcpu.parked();
+                        // HLT hooks hear once per halt, when it is first seen.
+                        if parked == Parked::Halted && !was_parked && env.hooks.wants(&EventKind::Hlt) {
+                            let rip = vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                            let mut event = Event::new(env.index, rip, EventKind::Hlt, None);
+                            let result;
+                            (vcpu, result) = unlocked(slot, vcpu, || call_hooks(env, &mut event));
+                            synced = false;
+                            if let Some(outcome) = hook_outcome(result, &mut event) {
+                                return Some(vcpu.locate(outcome));
+                            }
+                        }
+                        env.status.parked.store(parked != Parked::No, Ordering::Release);
                         env.status.probe_answer.store(request, Ordering::Release);
                     }
                     continue;
@@ -519,13 +542,20 @@ impl Vcpu {
         self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("GET_CPUID2"))
     }
 
-    fn is_parked(&self) -> bool {
+    /// Whether the vCPU can run again by itself.
+    fn parked(&self) -> Parked {
         match self.fd.get_mp_state() {
             Ok(mp) if mp.mp_state == KVM_MP_STATE_HALTED => {
-                self.fd.get_regs().is_ok_and(|r| r.rflags & RFLAGS_IF == 0)
+                if self.fd.get_regs().is_ok_and(|r| r.rflags & RFLAGS_IF == 0) {
+                    Parked::Halted
+                } else {
+                    Parked::No
+                }
             }
-            Ok(mp) => mp.mp_state == KVM_MP_STATE_UNINITIALIZED || mp.mp_state == KVM_MP_STATE_INIT_RECEIVED,
-            Err(_) => false,
+            Ok(mp) if mp.mp_state == KVM_MP_STATE_UNINITIALIZED || mp.mp_state == KVM_MP_STATE_INIT_RECEIVED => {
+                Parked::WaitingForSipi
+            }
+            _ => Parked::No,
         }
     }
 
