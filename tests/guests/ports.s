@@ -1,5 +1,5 @@
 # ports.bin - 64-bit long mode: touch ports no device claims, report what a read gave.
-# Writes port 0x80 three times and reads port 0x71 twice; vmcore must drop the writes, answer
+# Writes port 0x80 three times and reads port 0x99 twice; vmcore must drop the writes, answer
 # the reads with all-ones and count both per port.
         .include "guest.inc"
         GUEST_START 64
@@ -7,8 +7,8 @@
         out     %al, $0x80
         out     %al, $0x80
         out     %al, $0x80
-        in      $0x71, %al
-        in      $0x71, %al
+        in      $0x99, %al
+        in      $0x99, %al
         cmp     $0xff, %al
         jne     .Lnot_all_ones
         PUTS    all_ones

@@ -119,16 +119,16 @@ def test_a_raising_static_cpuid_hook_raises_out_of_start(vm, guests):
 
 
 def test_bad_hook_answers_are_errors(vm, guests):
-    vm.on_io(0x71)(lambda ev: "not a number")
+    vm.on_io(0x99)(lambda ev: "not a number")
     vm.load_flat(guests.bytes("ports.bin"))
     with pytest.raises(TypeError, match="read hook returns an int"):
         vm.run(timeout=5)
 
 
 def test_io_hooks_supply_reads_rewrite_and_veto_writes_and_stop(vm, guests):
-    @vm.on_io(0x71, write=False)
+    @vm.on_io(0x99, write=False)
     def rtc(ev):
-        assert (ev.port, ev.size, ev.is_write) == (0x71, 1, False)
+        assert (ev.port, ev.size, ev.is_write) == (0x99, 1, False)
         return 0x42
 
     seen = []

@@ -138,7 +138,7 @@ fn port_hooks_supply_reads_and_veto_writes() {
     let vm = small_vm();
     vm.load_flat(&guest("ports.bin"), 0x100000, CpuMode::Long).unwrap();
     vm.add_hook(
-        Trigger::Io { first: 0x71, last: 0x71, reads: true, writes: false },
+        Trigger::Io { first: 0x99, last: 0x99, reads: true, writes: false },
         Arc::new(|ev: &mut Event| {
             ev.value = Some(0x42);
             Ok(())

@@ -9,6 +9,11 @@ use crate::{Error, Result};
 /// addresses, zeroes BSS, and enters it at `e_entry`: ELF32 in protected mode, ELF64 in long
 /// mode. A virtual entry address is translated through the segment that contains it.
 pub fn load_elf(ram: &GuestRam, image: &[u8], name: &str) -> Result<LoadedImage> {
+    load_segments(ram, image, name).map(|(loaded, _)| loaded)
+}
+
+/// [`load_elf`], also returning the end of the highest segment (where modules may follow).
+pub(super) fn load_segments(ram: &GuestRam, image: &[u8], name: &str) -> Result<(LoadedImage, u64)> {
     let fail = |reason: String| Error::load(format!("ELF {name}"), reason);
     if image.len() < 4 || &image[..4] != b"\x7fELF" {
         return Err(fail("not an ELF file (no \\x7fELF magic)".into()));
@@ -78,5 +83,6 @@ pub fn load_elf(ram: &GuestRam, image: &[u8], name: &str) -> Result<LoadedImage>
             bitness: if elf.is_64 { 64 } else { 32 },
         })
         .collect();
-    Ok(LoadedImage { entry: EntryPoint { mode, address: entry_phys }, code })
+    let end = loads.iter().map(|ph| ph.p_paddr + ph.p_memsz).max().unwrap_or(0);
+    Ok((LoadedImage { entry: EntryPoint { mode, address: entry_phys, ..Default::default() }, code }, end))
 }

@@ -49,7 +49,7 @@ pub fn load_flat(ram: &GuestRam, code: &[u8], address: u64, mode: CpuMode) -> Re
         CpuMode::Long => 64,
     };
     Ok(LoadedImage {
-        entry: EntryPoint { mode, address },
+        entry: EntryPoint { mode, address, ..Default::default() },
         code: vec![CodeRange { phys: address, virt: address, len: code.len() as u64, bitness }],
     })
 }

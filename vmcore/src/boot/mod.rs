@@ -1,11 +1,14 @@
 //! Guest image loaders. Each loader writes an image into guest RAM and says where and in which
 //! CPU mode the boot vCPU starts; `cpu::entry` then builds that CPU state.
 
+pub mod bios;
 mod elf;
 mod flat;
+pub mod multiboot;
 
 pub use elf::load_elf;
 pub use flat::load_flat;
+pub use multiboot::{load_multiboot, Module};
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,13 +16,14 @@ use std::str::FromStr;
 use crate::Error;
 
 /// The CPU mode a guest image is entered in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum CpuMode {
     /// 16-bit real mode; all segments based at the load address.
     Real,
     /// 32-bit protected mode, flat segments, paging off.
     Protected,
     /// 64-bit long mode on an identity map of the low 4 GiB.
+    #[default]
     Long,
 }
 
@@ -54,11 +58,14 @@ impl FromStr for CpuMode {
 }
 
 /// Where and how the boot vCPU starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EntryPoint {
     pub mode: CpuMode,
     /// Guest-physical address of the first instruction.
     pub address: u64,
+    /// What a boot protocol hands over in RAX and RBX (multiboot: magic and information).
+    pub rax: u64,
+    pub rbx: u64,
 }
 
 /// Guest memory holding an image's executable code, where precise site-trap mode looks for

@@ -90,6 +90,8 @@ pub fn boot_state(ram: &GuestRam, entry: &EntryPoint, mut sregs: kvm_sregs) -> R
             }
             regs.rip = entry.address;
             regs.rsp = SCRATCH_END;
+            regs.rax = entry.rax;
+            regs.rbx = entry.rbx;
         }
     }
     Ok((regs, sregs))

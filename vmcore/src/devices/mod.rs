@@ -1,5 +1,8 @@
 //! Devices and the port-I/O bus they sit on.
 
+pub mod acpi;
+pub mod cmos;
+pub mod fw_cfg;
 mod debug_exit;
 mod serial;
 

@@ -19,14 +19,16 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 
-use crate::boot::{self, CodeRange, CpuMode, EntryPoint, LoadedImage};
+use crate::boot::{self, bios, CodeRange, CpuMode, EntryPoint, LoadedImage, Module};
 use crate::console::{Console, Tee};
 use crate::cpu::precise::Intercept;
 use crate::cpu::sites::Sites;
 use crate::cpu::{cpuid, kick, PreciseMode, RegisterFile, Vcpu, VcpuStatus, MAX_BREAKPOINTS};
-use crate::devices::{lock, DebugExit, IoBus, IrqLine, SerialPort, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
+use crate::devices::cmos::{self, Cmos, CMOS_PORT};
+use crate::devices::fw_cfg::{FwCfg, FW_CFG_PORT, FW_CFG_PORTS};
+use crate::devices::{acpi, lock, DebugExit, IoBus, IrqLine, SerialPort, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
 use crate::hooks::{Event, EventKind, HookFn, HookId, Hooks, Trigger};
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, MMIO_HOLE_START};
 use crate::outcome::{ExitReason, Outcome};
 use crate::paging;
 use crate::stats::ExitStats;
@@ -128,6 +130,13 @@ impl VmBuilder {
         io.insert(COM1_PORT, 8, serial.clone())?;
         console.attach_input(serial);
         io.insert(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, Arc::new(Mutex::new(DebugExit)))?;
+        let (below_4g, above_4g) = (self.memory.min(MMIO_HOLE_START), self.memory.saturating_sub(MMIO_HOLE_START));
+        io.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::new(below_4g, above_4g, self.vcpus, cmos::host_clock()))))?;
+        let fw_cfg = Arc::new(Mutex::new(FwCfg::new(self.memory, self.vcpus)));
+        io.insert(FW_CFG_PORT, FW_CFG_PORTS, fw_cfg.clone())?;
+        // What a PC's firmware would leave: BIOS data area, MP table, ACPI tables.
+        bios::write_bios_area(&ram, self.vcpus)?;
+        acpi::write_tables(&ram, self.vcpus)?;
 
         let count = vcpus.len();
         let machine = Machine {
@@ -136,6 +145,7 @@ impl VmBuilder {
             stats: (0..count).map(|_| Mutex::default()).collect(),
             vm_fd,
             io,
+            fw_cfg,
             hooks: Hooks::default(),
             console,
             ram,
@@ -180,6 +190,7 @@ pub(crate) struct Machine {
     stats: Vec<Mutex<ExitStats>>,
     vm_fd: VmFd,
     io: IoBus,
+    fw_cfg: Arc<Mutex<FwCfg>>,
     hooks: Hooks,
     console: Console,
     ram: GuestRam,
@@ -269,6 +280,38 @@ impl Vm {
         let image = std::fs::read(path)
             .map_err(|e| Error::Io { context: format!("cannot read {}", path.display()), source: e })?;
         self.load_elf_bytes(&image, &path.display().to_string())
+    }
+
+    /// Loads a multiboot v1 kernel with its command line and modules, as QEMU's `-kernel`,
+    /// `-append` and `-initrd` do; `name` is the kernel's path (the first word of the command
+    /// line the kernel sees). fw_cfg's kernel and command-line items describe it too.
+    pub fn load_multiboot_bytes(&self, image: &[u8], name: &str, cmdline: &str, modules: &[Module]) -> Result<EntryPoint> {
+        let entry = self.load_with(|ram| boot::load_multiboot(ram, image, name, cmdline, modules))?;
+        lock(&self.machine.fw_cfg).set_kernel(image, cmdline);
+        Ok(entry)
+    }
+
+    /// [`Vm::load_multiboot_bytes`] from files: each module is a path and the arguments after
+    /// it (its command line is "path args", as QEMU gives it).
+    pub fn load_multiboot(&self, path: &std::path::Path, cmdline: &str, modules: &[(std::path::PathBuf, String)]) -> Result<EntryPoint> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| Error::Io { context: format!("cannot read {}", p.display()), source: e })
+        };
+        let image = read(path)?;
+        let modules = modules
+            .iter()
+            .map(|(p, args)| {
+                let shown = p.display().to_string();
+                let cmdline = if args.is_empty() { shown } else { format!("{shown} {args}") };
+                Ok(Module { data: read(p)?, cmdline })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.load_multiboot_bytes(&image, &path.display().to_string(), cmdline, &modules)
+    }
+
+    /// Adds a named file to fw_cfg (like QEMU's `-fw_cfg name=...`).
+    pub fn add_fw_cfg_file(&self, name: &str, data: Vec<u8>) -> Result<()> {
+        lock(&self.machine.fw_cfg).add_file(name, data)
     }
 
     fn load_with(&self, load: impl FnOnce(&GuestRam) -> Result<LoadedImage>) -> Result<EntryPoint> {

@@ -1,0 +1,84 @@
+//! ACPI tables (rust-vmm's acpi_tables crate): RSDP -> XSDT -> MADT with a local APIC per vCPU
+//! and the I/O APIC, placed where an operating system looks for them (`boot::bios`).
+
+use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+
+use crate::boot::bios::{ACPI_START, IOAPIC_ADDRESS, LAPIC_ADDRESS};
+use crate::memory::GuestRam;
+use crate::Result;
+
+const OEM_ID: [u8; 6] = *b"VMCORE";
+const OEM_TABLE_ID: [u8; 8] = *b"VMCOREPC";
+
+fn bytes(table: &dyn Aml) -> Vec<u8> {
+    let mut out = Vec::new();
+    table.to_aml_bytes(&mut out);
+    out
+}
+
+fn align16(x: u64) -> u64 {
+    (x + 15) & !15
+}
+
+/// Writes the tables for `cpus` processors from `ACPI_START`; returns the RSDP's address.
+pub fn write_tables(ram: &GuestRam, cpus: usize) -> Result<u64> {
+    let rsdp_at = ACPI_START;
+    let xsdt_at = align16(rsdp_at + Rsdp::len() as u64);
+    let mut madt = MADT::new(OEM_ID, OEM_TABLE_ID, 1, LocalInterruptController::Address(LAPIC_ADDRESS));
+    for cpu in 0..cpus {
+        madt.add_structure(ProcessorLocalApic::new(cpu as u8, cpu as u8, EnabledStatus::Enabled));
+    }
+    madt.add_structure(IoApic::new(cpus as u8, IOAPIC_ADDRESS, 0));
+    let madt = bytes(&madt);
+    // The XSDT's size does not depend on the addresses in it.
+    let xsdt_len = {
+        let mut probe = XSDT::new(OEM_ID, OEM_TABLE_ID, 1);
+        probe.add_entry(0);
+        bytes(&probe).len() as u64
+    };
+    let madt_at = align16(xsdt_at + xsdt_len);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, 1);
+    xsdt.add_entry(madt_at);
+    ram.write(rsdp_at, &bytes(&Rsdp::new(OEM_ID, xsdt_at)))?;
+    ram.write(xsdt_at, &bytes(&xsdt))?;
+    ram.write(madt_at, &madt)?;
+    Ok(rsdp_at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sums_to_zero(bytes: &[u8]) -> bool {
+        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+    }
+
+    #[test]
+    fn rsdp_leads_to_a_madt_with_every_cpu() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let rsdp_at = write_tables(&ram, 2).unwrap();
+        let mut rsdp = [0u8; 36];
+        ram.read(rsdp_at, &mut rsdp).unwrap();
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert!(sums_to_zero(&rsdp[..20]) && sums_to_zero(&rsdp));
+        let xsdt_at = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());
+        let mut head = [0u8; 36];
+        ram.read(xsdt_at, &mut head).unwrap();
+        assert_eq!(&head[..4], b"XSDT");
+        let mut entry = [0u8; 8];
+        ram.read(xsdt_at + 36, &mut entry).unwrap();
+        let madt_at = u64::from_le_bytes(entry);
+        ram.read(madt_at, &mut head).unwrap();
+        assert_eq!(&head[..4], b"APIC");
+        let len = u32::from_le_bytes(head[4..8].try_into().unwrap()) as usize;
+        let mut madt = vec![0u8; len];
+        ram.read(madt_at, &mut madt).unwrap();
+        assert!(sums_to_zero(&madt));
+        // Two 8-byte local APIC entries (type 0) then a 12-byte I/O APIC (type 1).
+        assert_eq!((madt[44], madt[44 + 3], madt[52 + 3], madt[60]), (0, 0, 1, 1));
+        assert_eq!(len, 44 + 8 + 8 + 12);
+    }
+}
