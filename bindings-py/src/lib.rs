@@ -195,6 +195,16 @@ impl NativeVm {
         Ok((entry.mode.to_string(), entry.address))
     }
 
+    /// Returns (mode, entry address). `modules` are (path, arguments) pairs.
+    fn load_multiboot(&self, py: Python<'_>, path: PathBuf, cmdline: &str, modules: Vec<(PathBuf, String)>) -> PyResult<(String, u64)> {
+        let entry = self.get()?.load_multiboot(&path, cmdline, &modules).py_err(py)?;
+        Ok((entry.mode.to_string(), entry.address))
+    }
+
+    fn add_fw_cfg_file(&self, py: Python<'_>, name: &str, data: Vec<u8>) -> PyResult<()> {
+        self.get()?.add_fw_cfg_file(name, data).py_err(py)
+    }
+
     #[pyo3(signature = (timeout=None))]
     fn start(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
         let timeout = seconds(timeout, "timeout")?;
@@ -361,6 +371,12 @@ fn real_mode_int3_traps(py: Python<'_>) -> bool {
     py.detach(vmcore::host::real_mode_int3_traps)
 }
 
+/// Whether this host's KVM runs guests with 32-bit (non-long-mode) paging; probed once.
+#[pyfunction]
+fn paging32_works(py: Python<'_>) -> bool {
+    py.detach(vmcore::host::paging32_works)
+}
+
 /// Parses "64M"-style sizes exactly as `Vm(memory=...)` does.
 #[pyfunction]
 fn parse_memory_size(py: Python<'_>, text: &str) -> PyResult<u64> {
@@ -373,6 +389,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<hooks::HookEvent>()?;
     m.add_function(wrap_pyfunction!(parse_memory_size, m)?)?;
     m.add_function(wrap_pyfunction!(real_mode_int3_traps, m)?)?;
+    m.add_function(wrap_pyfunction!(paging32_works, m)?)?;
     m.add("REGISTER_NAMES", vmcore::cpu::REGISTER_NAMES.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

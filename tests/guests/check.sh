@@ -64,6 +64,8 @@ check_hook_elf() {   # name expected-message label: ELF64, loaded at >= 0x100000
 
 check_bin hello-real   "hello from real mode"
 check_bin hello-prot   "hello from protected mode"
+check_bin paging32     "hello through 32-bit paging"
+check_bin pae          "hello through PAE paging"
 check_bin hello-long   "hello from long mode"
 check_bin debug-exit   "exiting with 0x31"
 check_bin triple-fault "faulting"

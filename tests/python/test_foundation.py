@@ -318,3 +318,21 @@ def test_parse_memory_size_matches_the_core():
     assert vmcore.parse_memory_size("2G") == 2 << 30
     with pytest.raises(vmcore.ConfigError):
         vmcore.parse_memory_size("64Q")
+
+
+@pytest.mark.parametrize(
+    "image,code,text",
+    [("paging32.bin", 0x32, "hello through 32-bit paging\n"), ("pae.bin", 0x33, "hello through PAE paging\n")],
+)
+def test_i386_guests_with_paging(vm, guests, image, code, text):
+    if not vmcore._native.paging32_works():
+        pytest.skip(
+            "this host's KVM cannot run 32-bit paging (a probe VM shut down when it enabled paging); "
+            "the guests' page tables are still checked by vmcore's walker in the Rust tests"
+        )
+    vm.load_flat(guests.bytes(image), mode="protected")
+    outcome = vm.run(timeout=5)
+    assert (outcome.reason, outcome.code) == ("debug_exit", code)
+    assert vm.console.output == text
+    message = guests.symbol(f"obj/{image.replace('.bin', '.flat')}", "message")
+    assert vm.read_virt(0, 0xC0000000 | (message & 0xFFF), len(text)) == text.encode()

@@ -16,6 +16,35 @@ pub fn real_mode_int3_traps() -> bool {
     *ANSWER.get_or_init(|| probe_real_mode_int3().unwrap_or(false))
 }
 
+/// Whether this host's KVM can run a guest with 32-bit (non-long-mode) paging enabled. Some
+/// software KVMs end such a guest with a shutdown at the write that enables paging.
+pub fn paging32_works() -> bool {
+    static ANSWER: OnceLock<bool> = OnceLock::new();
+    *ANSWER.get_or_init(|| probe_paging32().unwrap_or(false))
+}
+
+/// Enables 4 MiB-page 32-bit paging on an identity map and writes the debug-exit port.
+fn probe_paging32() -> Option<bool> {
+    const CODE: u64 = 0x10_0000;
+    const PAGE_DIRECTORY: u64 = 0x20_0000;
+    #[rustfmt::skip]
+    let code = [
+        0xB8, 0x10, 0x00, 0x00, 0x00, // mov $0x10,%eax      (CR4.PSE)
+        0x0F, 0x22, 0xE0,             // mov %eax,%cr4
+        0xB8, 0x00, 0x00, 0x20, 0x00, // mov $0x200000,%eax  (the page directory)
+        0x0F, 0x22, 0xD8,             // mov %eax,%cr3
+        0x0F, 0x20, 0xC0,             // mov %cr0,%eax
+        0x0D, 0x00, 0x00, 0x00, 0x80, // or $0x80000000,%eax (CR0.PG)
+        0x0F, 0x22, 0xC0,             // mov %eax,%cr0
+        0xE6, 0xF4,                   // out %al,$0xf4
+    ];
+    let vm = crate::VmBuilder::new().memory(8 << 20).build().ok()?;
+    vm.load_flat(&code, CODE, crate::CpuMode::Protected).ok()?;
+    vm.write_phys(PAGE_DIRECTORY, &0x83u32.to_le_bytes()).ok()?; // 0-4 MiB: present, writable, 4 MiB page
+    let outcome = vm.run(Some(Duration::from_secs(2))).ok()?;
+    Some(outcome.reason == crate::ExitReason::DebugExit)
+}
+
 /// Runs `int3` at 0x1000:0 in real mode with vector 3 pointing at an `out %al,$0xf4`: a port
 /// exit means the guest took the interrupt itself.
 fn probe_real_mode_int3() -> Option<bool> {

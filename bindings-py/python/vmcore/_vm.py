@@ -6,7 +6,7 @@ import os
 import re
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, TypeVar, Union
 
 from . import _native
 
@@ -324,6 +324,25 @@ class Vm:
         program headers' physical addresses; returns the entry address. Raises
         :class:`~vmcore.LoadError` saying what is wrong with a malformed image."""
         return self._native.load_elf(os.fspath(path))[1]
+
+    def load_multiboot(
+        self,
+        path: Union[str, "os.PathLike[str]"],
+        cmdline: str = "",
+        modules: Sequence[Union[str, "os.PathLike[str]", Tuple[Union[str, "os.PathLike[str]"], str]]] = (),
+    ) -> int:
+        """Loads a multiboot v1 kernel the way QEMU's ``-kernel``, ``-append`` and ``-initrd``
+        do; returns the entry address. The kernel sees ``"<path> <cmdline>"`` as its command
+        line. Each module is a path, or ``(path, arguments)``: its command line is
+        ``"<path> <arguments>"``. Entry is in 32-bit protected mode with EAX=0x2BADB002 and
+        EBX pointing at the boot information (memory sizes and map, command line, modules).
+        fw_cfg's kernel and command-line items are set too."""
+        pairs = [(os.fspath(m), "") if not isinstance(m, tuple) else (os.fspath(m[0]), m[1]) for m in modules]
+        return self._native.load_multiboot(os.fspath(path), cmdline, pairs)[1]
+
+    def add_fw_cfg_file(self, name: str, data: bytes) -> None:
+        """Adds a named file to fw_cfg (QEMU's ``-fw_cfg name=...,file=...``)."""
+        self._native.add_fw_cfg_file(name, bytes(data))
 
     # -- running -----------------------------------------------------------------------------
 
