@@ -201,6 +201,12 @@ impl NativeVm {
         Ok((entry.mode.to_string(), entry.address))
     }
 
+    /// Returns (mode, entry address): multiboot or ELF, by what the file is.
+    fn load_kernel(&self, py: Python<'_>, path: PathBuf, cmdline: &str, modules: Vec<(PathBuf, String)>) -> PyResult<(String, u64)> {
+        let entry = self.get()?.load_kernel(&path, cmdline, &modules).py_err(py)?;
+        Ok((entry.mode.to_string(), entry.address))
+    }
+
     fn add_fw_cfg_file(&self, py: Python<'_>, name: &str, data: Vec<u8>) -> PyResult<()> {
         self.get()?.add_fw_cfg_file(name, data).py_err(py)
     }
@@ -248,6 +254,14 @@ impl NativeVm {
 
     fn console_output_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         Ok(PyBytes::new(py, &self.get()?.console().output_bytes()))
+    }
+
+    /// Output from byte `offset` on, waiting up to `timeout` seconds for some (GIL released).
+    fn console_read(&self, py: Python<'_>, offset: usize, timeout: f64) -> PyResult<Py<PyBytes>> {
+        let timeout = seconds(Some(timeout), "timeout")?.unwrap_or(Duration::MAX);
+        let vm = self.get()?;
+        let data = py.detach(move || vm.console().read_from(offset, timeout));
+        Ok(PyBytes::new(py, &data).unbind())
     }
 
     fn console_tail(&self) -> PyResult<String> {
@@ -377,6 +391,26 @@ fn paging32_works(py: Python<'_>) -> bool {
     py.detach(vmcore::host::paging32_works)
 }
 
+/// What kind of kernel image `data` is: "multiboot", "elf", "linux-bzimage" or "unknown".
+#[pyfunction]
+fn image_kind(data: &[u8]) -> &'static str {
+    vmcore::boot::ImageKind::detect(data).as_str()
+}
+
+/// Facts about this host's KVM: flavour, API version, capabilities, probe results.
+#[pyfunction]
+fn host_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let (caps, int3, paging32) =
+        py.detach(|| (vmcore::host::capabilities(), vmcore::host::real_mode_int3_traps(), vmcore::host::paging32_works()));
+    let d = PyDict::new(py);
+    d.set_item("flavour", vmcore::host::kvm_flavour())?;
+    d.set_item("api_version", vmcore::host::api_version())?;
+    d.set_item("capabilities", caps.into_iter().collect::<std::collections::BTreeMap<_, _>>())?;
+    d.set_item("real_mode_int3_traps", int3)?;
+    d.set_item("paging32_works", paging32)?;
+    Ok(d)
+}
+
 /// Parses "64M"-style sizes exactly as `Vm(memory=...)` does.
 #[pyfunction]
 fn parse_memory_size(py: Python<'_>, text: &str) -> PyResult<u64> {
@@ -390,6 +424,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_memory_size, m)?)?;
     m.add_function(wrap_pyfunction!(real_mode_int3_traps, m)?)?;
     m.add_function(wrap_pyfunction!(paging32_works, m)?)?;
+    m.add_function(wrap_pyfunction!(host_info, m)?)?;
+    m.add_function(wrap_pyfunction!(image_kind, m)?)?;
     m.add("REGISTER_NAMES", vmcore::cpu::REGISTER_NAMES.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

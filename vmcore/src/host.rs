@@ -1,5 +1,5 @@
 //! Facts about this host's KVM that vmcore needs to decide how to do something, found by
-//! probing once per process with a throwaway VM.
+//! probing once per process with a throwaway VM, and a summary for `vmcore info`.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -14,6 +14,43 @@ use kvm_ioctls::{Kvm, VcpuExit};
 pub fn real_mode_int3_traps() -> bool {
     static ANSWER: OnceLock<bool> = OnceLock::new();
     *ANSWER.get_or_init(|| probe_real_mode_int3().unwrap_or(false))
+}
+
+/// Which KVM module serves /dev/kvm (loaded or built in, as /sys/module shows): `kvm_intel`
+/// (VT-x), `kvm_amd` (AMD-V), `kvm_pvm` (software: guest kernel code runs in KVM's
+/// instruction emulator), or `unknown`.
+pub fn kvm_flavour() -> &'static str {
+    ["kvm_pvm", "kvm_intel", "kvm_amd"]
+        .into_iter()
+        .find(|m| std::path::Path::new("/sys/module").join(m).exists())
+        .unwrap_or("unknown")
+}
+
+/// The capabilities vmcore uses, and whether this host's KVM has them.
+pub fn capabilities() -> Vec<(&'static str, bool)> {
+    use kvm_bindings::*;
+    let Ok(kvm) = Kvm::new() else { return Vec::new() };
+    [
+        ("irqchip", KVM_CAP_IRQCHIP),
+        ("pit2", KVM_CAP_PIT2),
+        ("sync_regs", KVM_CAP_SYNC_REGS),
+        ("set_guest_debug", KVM_CAP_SET_GUEST_DEBUG),
+        ("immediate_exit", KVM_CAP_IMMEDIATE_EXIT),
+        ("irqfd", KVM_CAP_IRQFD),
+        ("ioeventfd", KVM_CAP_IOEVENTFD),
+        ("x86_user_space_msr", KVM_CAP_X86_USER_SPACE_MSR),
+        ("x86_msr_filter", KVM_CAP_X86_MSR_FILTER),
+        ("exit_on_emulation_failure", KVM_CAP_EXIT_ON_EMULATION_FAILURE),
+        ("xsave", KVM_CAP_XSAVE),
+    ]
+    .into_iter()
+    .map(|(name, cap)| (name, kvm.check_extension_raw(cap.into()) > 0))
+    .collect()
+}
+
+/// KVM's API version (12 on every Linux since 2.6.22), or `None` without /dev/kvm.
+pub fn api_version() -> Option<i32> {
+    Kvm::new().ok().map(|k| k.get_api_version())
 }
 
 /// Whether this host's KVM can run a guest with 32-bit (non-long-mode) paging enabled. Some

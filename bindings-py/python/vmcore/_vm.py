@@ -180,6 +180,12 @@ class Console:
         """The last ~2000 characters of output."""
         return self._native.console_tail()
 
+    def read(self, offset: int, timeout: float = 0.1) -> bytes:
+        """The raw output from byte ``offset`` on, waiting up to ``timeout`` seconds for some to
+        arrive (``b""`` if none did, or the VM is not running). For streaming the console
+        elsewhere: keep ``offset += len(chunk)``."""
+        return self._native.console_read(offset, float(timeout))
+
     def expect(self, pattern: Union[str, "re.Pattern[str]"], timeout: float = 10.0) -> ConsoleMatch:
         """Waits up to ``timeout`` seconds for ``pattern`` in the output after the previous match.
 
@@ -339,6 +345,17 @@ class Vm:
         fw_cfg's kernel and command-line items are set too."""
         pairs = [(os.fspath(m), "") if not isinstance(m, tuple) else (os.fspath(m[0]), m[1]) for m in modules]
         return self._native.load_multiboot(os.fspath(path), cmdline, pairs)[1]
+
+    def load_kernel(
+        self,
+        path: Union[str, "os.PathLike[str]"],
+        cmdline: str = "",
+        modules: Sequence[Union[str, "os.PathLike[str]", Tuple[Union[str, "os.PathLike[str]"], str]]] = (),
+    ) -> int:
+        """Loads a kernel by what the file is: multiboot (see :meth:`load_multiboot`) or ELF
+        (see :meth:`load_elf`; it takes no command line or modules). Returns the entry."""
+        pairs = [(os.fspath(m), "") if not isinstance(m, tuple) else (os.fspath(m[0]), m[1]) for m in modules]
+        return self._native.load_kernel(os.fspath(path), cmdline, pairs)[1]
 
     def add_fw_cfg_file(self, name: str, data: bytes) -> None:
         """Adds a named file to fw_cfg (QEMU's ``-fw_cfg name=...,file=...``)."""

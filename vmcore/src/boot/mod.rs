@@ -68,6 +68,40 @@ pub struct EntryPoint {
     pub rbx: u64,
 }
 
+/// What kind of kernel image a file is, by its contents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    /// A multiboot v1 header in the first 8 KiB (whatever the container).
+    Multiboot,
+    Elf,
+    /// A Linux bzImage (the "HdrS" boot-protocol signature).
+    LinuxBzImage,
+    Unknown,
+}
+
+impl ImageKind {
+    pub fn detect(image: &[u8]) -> ImageKind {
+        if multiboot::has_header(image) {
+            ImageKind::Multiboot
+        } else if image.starts_with(b"\x7fELF") {
+            ImageKind::Elf
+        } else if image.get(0x202..0x206) == Some(b"HdrS") {
+            ImageKind::LinuxBzImage
+        } else {
+            ImageKind::Unknown
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageKind::Multiboot => "multiboot",
+            ImageKind::Elf => "elf",
+            ImageKind::LinuxBzImage => "linux-bzimage",
+            ImageKind::Unknown => "unknown",
+        }
+    }
+}
+
 /// Guest memory holding an image's executable code, where precise site-trap mode looks for
 /// the instructions it takes over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -47,6 +47,11 @@ struct Header {
     fields: [u32; 5],
 }
 
+/// Whether `image` carries a multiboot v1 header where a loader looks for one.
+pub fn has_header(image: &[u8]) -> bool {
+    find_header(image).is_some()
+}
+
 fn find_header(image: &[u8]) -> Option<Header> {
     let limit = image.len().min(SEARCH_LIMIT);
     let word = |at: usize| image.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));

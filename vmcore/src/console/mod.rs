@@ -151,6 +151,30 @@ impl Console {
         lock(&self.shared.state).bytes.clone()
     }
 
+    /// The output from byte `offset` on, waiting up to `timeout` for some to arrive. Returns
+    /// nothing if none came in time or the VM is not running; for streaming output somewhere
+    /// (a pty, a notebook) without copying all of it each time.
+    pub fn read_from(&self, offset: usize, timeout: Duration) -> Vec<u8> {
+        let deadline = crate::deadline(Some(timeout));
+        let mut st = lock(&self.shared.state);
+        loop {
+            if st.bytes.len() > offset {
+                return st.bytes[offset..].to_vec();
+            }
+            let now = Instant::now();
+            if !st.live || deadline.is_some_and(|d| now >= d) {
+                return Vec::new();
+            }
+            let wait = deadline.map_or(Duration::from_millis(100), |d| d - now);
+            st = self.shared.grew.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Whether the VM is running, so more output may come.
+    pub fn is_live(&self) -> bool {
+        lock(&self.shared.state).live
+    }
+
     /// The last ~2000 characters of output, for error messages.
     pub fn tail(&self) -> String {
         tail_of(&lock(&self.shared.state).bytes)
@@ -309,6 +333,25 @@ mod tests {
         c.set_live(true, "running");
         let err = c.expect_while("never", Duration::MAX, || false).unwrap_err();
         assert!(matches!(err, Error::Interrupted));
+    }
+
+    #[test]
+    fn read_from_streams_new_output() {
+        let c = Arc::new(Console::new(None).unwrap());
+        c.set_live(true, "running");
+        print(&c, "abc");
+        assert_eq!(c.read_from(0, Duration::ZERO), b"abc");
+        assert_eq!(c.read_from(3, Duration::from_millis(20)), b"");
+        let w = c.clone();
+        let t = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(30));
+            print(&w, "de");
+        });
+        assert_eq!(c.read_from(3, Duration::from_secs(5)), b"de");
+        t.join().unwrap();
+        c.set_live(false, "halted");
+        assert_eq!(c.read_from(5, Duration::from_secs(60)), b"", "nothing more can come");
+        assert!(!c.is_live());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod supervisor;
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -38,6 +39,22 @@ use crate::{Error, Result};
 const KVM_TSS_ADDRESS: usize = 0xFFFB_D000;
 /// The most vCPUs a VM may have (xAPIC IDs are 8 bits).
 pub const MAX_VCPUS: usize = 254;
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::Io { context: format!("cannot read {}", path.display()), source: e })
+}
+
+/// Multiboot modules from (path, arguments) pairs; each one's command line is "path args".
+fn read_modules(modules: &[(PathBuf, String)]) -> Result<Vec<Module>> {
+    modules
+        .iter()
+        .map(|(path, args)| {
+            let shown = path.display().to_string();
+            let cmdline = if args.is_empty() { shown } else { format!("{shown} {args}") };
+            Ok(Module { data: read_file(path)?, cmdline })
+        })
+        .collect()
+}
 
 /// A CPUID entry a static hook set that KVM did not keep.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -276,10 +293,8 @@ impl Vm {
     }
 
     /// Loads an ELF32/ELF64 executable from a file.
-    pub fn load_elf(&self, path: &std::path::Path) -> Result<EntryPoint> {
-        let image = std::fs::read(path)
-            .map_err(|e| Error::Io { context: format!("cannot read {}", path.display()), source: e })?;
-        self.load_elf_bytes(&image, &path.display().to_string())
+    pub fn load_elf(&self, path: &Path) -> Result<EntryPoint> {
+        self.load_elf_bytes(&read_file(path)?, &path.display().to_string())
     }
 
     /// Loads a multiboot v1 kernel with its command line and modules, as QEMU's `-kernel`,
@@ -293,20 +308,31 @@ impl Vm {
 
     /// [`Vm::load_multiboot_bytes`] from files: each module is a path and the arguments after
     /// it (its command line is "path args", as QEMU gives it).
-    pub fn load_multiboot(&self, path: &std::path::Path, cmdline: &str, modules: &[(std::path::PathBuf, String)]) -> Result<EntryPoint> {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| Error::Io { context: format!("cannot read {}", p.display()), source: e })
-        };
-        let image = read(path)?;
-        let modules = modules
-            .iter()
-            .map(|(p, args)| {
-                let shown = p.display().to_string();
-                let cmdline = if args.is_empty() { shown } else { format!("{shown} {args}") };
-                Ok(Module { data: read(p)?, cmdline })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.load_multiboot_bytes(&image, &path.display().to_string(), cmdline, &modules)
+    pub fn load_multiboot(&self, path: &Path, cmdline: &str, modules: &[(PathBuf, String)]) -> Result<EntryPoint> {
+        self.load_multiboot_bytes(&read_file(path)?, &path.display().to_string(), cmdline, &read_modules(modules)?)
+    }
+
+    /// Loads a kernel by what it is: multiboot (with `cmdline` and `modules`) or plain ELF
+    /// (which takes neither). Linux images come with the Linux loader.
+    pub fn load_kernel(&self, path: &Path, cmdline: &str, modules: &[(PathBuf, String)]) -> Result<EntryPoint> {
+        let image = read_file(path)?;
+        let name = path.display().to_string();
+        match boot::ImageKind::detect(&image) {
+            boot::ImageKind::Multiboot => self.load_multiboot_bytes(&image, &name, cmdline, &read_modules(modules)?),
+            boot::ImageKind::Elf if cmdline.is_empty() && modules.is_empty() => self.load_elf_bytes(&image, &name),
+            boot::ImageKind::Elf => Err(Error::load(
+                format!("ELF kernel {name}"),
+                "it has no multiboot header, so it cannot take a command line or modules",
+            )),
+            boot::ImageKind::LinuxBzImage => Err(Error::load(
+                format!("kernel {name}"),
+                "it is a Linux bzImage; vmcore does not boot Linux images yet",
+            )),
+            boot::ImageKind::Unknown => Err(Error::load(
+                format!("kernel {name}"),
+                "it is neither a multiboot kernel, an ELF executable nor a Linux image (for a flat binary, say its mode)",
+            )),
+        }
     }
 
     /// Adds a named file to fw_cfg (like QEMU's `-fw_cfg name=...`).
