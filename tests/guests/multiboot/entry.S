@@ -71,6 +71,8 @@ elf_entry:                              /* e_entry of mb-aout.elf */
         mov     %ecx, %fs
         mov     %ecx, %gs
         mov     %ecx, %ss
+        mov     %eax, mb_entry_eax      /* kept for debuggers (.data) */
+        mov     %ebx, mb_entry_ebx
         push    %edx                    /* via_elf_entry */
         push    %ebx                    /* mbi_addr */
         push    %eax                    /* magic */
@@ -99,6 +101,16 @@ gdt_ptr:
         .word   gdt_end - gdt - 1
         .long   gdt
 
+/* EAX and EBX as found on entry; in .data (initially all ones) so that
+ * every kernel has a PT_LOAD with both file bytes and a zero-filled tail. */
+        .data
+        .balign 4
+        .globl  mb_entry_eax, mb_entry_ebx
+mb_entry_eax:
+        .long   0xffffffff
+mb_entry_ebx:
+        .long   0xffffffff
+
 /* The boot CPU's stack: its own section so that mb-aout can check the
  * rest of its .bss for zeroes (the stack is in use by then). */
         .section .stack, "aw", @nobits
@@ -106,4 +118,9 @@ gdt_ptr:
 boot_stack:
         .skip   STACK_SIZE
 boot_stack_top:
+#ifdef MB_AOUT
+/* Not loaded (see aout.ld): nonzero bytes right after .data in the file. */
+        .section .loader_canary, "", @progbits
+        .fill   64, 1, 0xa5
+#endif
         .section .note.GNU-stack, "", @progbits

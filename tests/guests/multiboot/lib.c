@@ -191,7 +191,7 @@ void fw_cfg_read(u16 key, void *buf, u32 len)
 #define RTC_B_BINARY 0x04
 #define RTC_HOUR_PM 0x80
 /* Bound on the UIP wait: the bit is set for under 2 ms once a second. */
-#define RTC_UIP_POLLS 1000000u
+#define RTC_UIP_POLLS 100000u
 
 u8 cmos_read(u8 reg)
 {
