@@ -5,6 +5,9 @@ startup: from ``vmcore.Vm(...)`` in Python to the guest's first console line and
 (debug-exit), against a C program doing the same with bare KVM ioctls (scripts/floors/
 raw_floor.c); and VMs created, run and destroyed per second, against the same program.
 
+multiboot: the multiboot test kernels under vmcore and under QEMU (TCG), wall time per kernel
+and whether the results agree (scripts/compare_qemu.py).
+
 hooks: the cost of one port exit handled by vmcore in Rust (no hook), by a Python hook and
 by a Lua hook, against the raw loop; the cost per instruction of precise single-step mode
 against raw single-step; and a CPUID-heavy guest under precise hooks in single-step mode
@@ -248,10 +251,14 @@ def hooks(runs: int, as_json: bool) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", nargs="?", default="startup", choices=["startup", "hooks"])
+    parser.add_argument("benchmark", nargs="?", default="startup", choices=["startup", "hooks", "multiboot"])
     parser.add_argument("--runs", type=int, default=50, help="runs per side (default 50)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
+    if args.benchmark == "multiboot":
+        import compare_qemu
+
+        return compare_qemu.compare(max(1, args.runs // 10))
     if args.benchmark == "hooks":
         return hooks(max(1, args.runs // 10), args.json)
     return startup(args.runs, args.json)
