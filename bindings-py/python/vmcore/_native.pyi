@@ -1,7 +1,21 @@
 """Type stubs for the native layer. Use the ``vmcore`` package, which wraps it."""
 
 from os import PathLike
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from typing_extensions import final
+
+__all__ = [
+    "NativeVm",
+    "HookEvent",
+    "parse_memory_size",
+    "real_mode_int3_traps",
+    "paging32_works",
+    "host_info",
+    "image_kind",
+    "REGISTER_NAMES",
+    "__version__",
+]
 
 __version__: str
 REGISTER_NAMES: List[str]
@@ -12,6 +26,7 @@ def paging32_works() -> bool: ...
 def host_info() -> Dict[str, Any]: ...
 def image_kind(data: bytes) -> str: ...
 
+@final
 class HookEvent:
     vcpu: int
     rip: int
@@ -33,6 +48,7 @@ class HookEvent:
     def veto(self) -> None: ...
     def stop(self, result: Any = None) -> None: ...
 
+@final
 class NativeVm:
     def __new__(
         cls, memory: Union[int, str], vcpus: int, tee: Union[str, PathLike[str], None] = None, precise: str = "step"
@@ -51,11 +67,11 @@ class NativeVm:
     def load_flat(self, code: bytes, address: int, mode: str) -> Tuple[str, int]: ...
     def load_elf(self, path: Union[str, PathLike[str]]) -> Tuple[str, int]: ...
     def load_multiboot(
-        self, path: Union[str, PathLike[str]], cmdline: str, modules: List[Tuple[Union[str, PathLike[str]], str]]
+        self, path: Union[str, PathLike[str]], cmdline: str, modules: Sequence[Tuple[Union[str, PathLike[str]], str]]
     ) -> Tuple[str, int]: ...
     def add_fw_cfg_file(self, name: str, data: bytes) -> None: ...
     def load_kernel(
-        self, path: Union[str, PathLike[str]], cmdline: str, modules: List[Tuple[Union[str, PathLike[str]], str]]
+        self, path: Union[str, PathLike[str]], cmdline: str, modules: Sequence[Tuple[Union[str, PathLike[str]], str]]
     ) -> Tuple[str, int]: ...
     def start(self, timeout: Optional[float] = None) -> None: ...
     def wait(self, timeout: Optional[float] = None) -> Optional[Dict[str, Any]]: ...

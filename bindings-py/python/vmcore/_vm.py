@@ -6,11 +6,15 @@ import os
 import re
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, TypeVar, Union
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeAlias
 
 from . import _native
+from ._native import NativeVm
 
-Mode = Literal["real", "protected", "long"]
+Mode: TypeAlias = Literal["real", "protected", "long"]
 """CPU mode a flat binary is entered in."""
 
 REGISTER_NAMES: Tuple[str, ...] = tuple(_native.REGISTER_NAMES)
@@ -101,7 +105,7 @@ class HookEvent:
 
     __slots__ = ("_native", "_vm")
 
-    def __init__(self, native: "_native.HookEvent", vm: "Vm") -> None:
+    def __init__(self, native: _native.HookEvent, vm: "Vm") -> None:
         self._native = native
         self._vm = vm
 
@@ -163,7 +167,7 @@ def _cpuid_answer(answer: Any) -> Tuple[int, int, int, int]:
 class Console:
     """The guest's COM1 serial console: everything it printed, and a way to type into it."""
 
-    def __init__(self, native: "_native.NativeVm") -> None:
+    def __init__(self, native: NativeVm) -> None:
         self._native = native
 
     @property
@@ -219,8 +223,10 @@ class Registers:
     """
 
     __slots__ = ("_native", "_index")
+    _native: NativeVm
+    _index: int
 
-    def __init__(self, native: "_native.NativeVm", index: int) -> None:
+    def __init__(self, native: NativeVm, index: int) -> None:
         object.__setattr__(self, "_native", native)
         object.__setattr__(self, "_index", index)
 
@@ -266,7 +272,7 @@ class Registers:
 class Vcpu:
     """One virtual CPU of a :class:`Vm`."""
 
-    def __init__(self, native: "_native.NativeVm", index: int) -> None:
+    def __init__(self, native: NativeVm, index: int) -> None:
         self._native = native
         self.index = index
         self._regs = Registers(native, index)
@@ -417,7 +423,7 @@ class Vm:
         vm_ref = weakref.ref(self)
 
         def register(fn: Hook) -> Hook:
-            def call(native_event: "_native.HookEvent") -> None:
+            def call(native_event: _native.HookEvent) -> None:
                 vm = vm_ref()
                 if vm is None:
                     return

@@ -15,7 +15,7 @@ Fixtures:
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Generator, Iterator, List
 
 import pytest
 
@@ -31,6 +31,7 @@ def kvm_available() -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm(**kwargs): arguments for the vm fixture's vmcore.Vm")
+    config.addinivalue_line("markers", "slow: a test that boots something big (deselect with -m 'not slow')")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -66,12 +67,11 @@ def vm(request: pytest.FixtureRequest, vm_factory: Callable[..., vmcore.Vm]) -> 
     return vm_factory(**(marker.kwargs if marker else {}))
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
     if report.when != "call" or not report.failed:
-        return
+        return report
     for index, machine in enumerate(getattr(item, "_vmcore_vms", [])):
         if machine.closed:
             continue
@@ -79,3 +79,4 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.sections.append(
             (f"vmcore VM {index} console tail ({state})", machine.console.tail() or "(no output)")
         )
+    return report
