@@ -357,6 +357,11 @@ impl NativeVm {
         Ok(self.get()?.cpuid_ignored().into_iter().map(|c| (c.vcpu, c.leaf, c.subleaf, c.wanted, c.kept)).collect())
     }
 
+    /// Cumulative exits by reason over time: [(seconds, {reason: count})].
+    fn exit_timeline(&self) -> PyResult<Vec<(f64, std::collections::BTreeMap<&'static str, u64>)>> {
+        Ok(self.get()?.exit_timeline())
+    }
+
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.get()?.stats();
         let d = PyDict::new(py);

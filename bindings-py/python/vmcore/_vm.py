@@ -369,13 +369,25 @@ class Vm:
 
     # -- running -----------------------------------------------------------------------------
 
-    def run(self, timeout: Optional[float] = None) -> Outcome:
+    def run(self, timeout: Optional[float] = None, progress: bool = False) -> Outcome:
         """Runs until the guest ends the run or ``timeout`` seconds pass (outcome ``"timeout"``).
 
         The GIL is released while the guest runs. Ctrl-C stops the VM and raises
-        ``KeyboardInterrupt``.
+        ``KeyboardInterrupt``. With ``progress``, elapsed time, exits and the console's last
+        line are shown as it runs (updated in place in a notebook).
         """
-        return Outcome._from_native(self._native.run(timeout))
+        if not progress:
+            return Outcome._from_native(self._native.run(timeout))
+        from .jupyter import Progress
+
+        shown = Progress(self)
+        self.start(timeout)
+        try:
+            while (outcome := self.wait(0.5)) is None:
+                shown.update()
+        finally:
+            shown.close()
+        return outcome
 
     def start(self, timeout: Optional[float] = None) -> None:
         """Starts the guest in the background; with ``timeout`` the run ends by itself then."""
@@ -550,6 +562,23 @@ class Vm:
     def translate(self, vcpu: int, address: int) -> int:
         """The guest-physical address vCPU ``vcpu`` would reach at guest-virtual ``address``."""
         return self._native.translate(vcpu, address)
+
+    def exit_timeline(self) -> List[Tuple[float, Dict[str, int]]]:
+        """Cumulative exits by reason over time: ``[(seconds since the first start, {reason:
+        count})]``, sampled every 1 to 50 ms and at the end of each run."""
+        return self._native.exit_timeline()
+
+    def plot_exits(self, ax: Any = None) -> Any:
+        """A matplotlib chart of exits per second by reason over time (needs matplotlib);
+        returns the Figure."""
+        from .jupyter import plot_exits
+
+        return plot_exits(self, ax)
+
+    def _repr_html_(self) -> str:
+        from .jupyter import vm_html
+
+        return vm_html(self)
 
     def stats(self) -> Dict[str, Any]:
         """Exit counters: ``exits`` by reason, ``exits_total``, ``ports`` (port exits by port),

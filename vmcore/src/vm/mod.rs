@@ -7,6 +7,7 @@
 
 mod supervisor;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -169,6 +170,7 @@ impl VmBuilder {
             stop: AtomicBool::new(false),
             run: Mutex::new(RunState { phase: Phase::Empty, has_run: false, end: None, alive: 0 }),
             msr_exits: Mutex::new(false),
+            timeline: Mutex::new(Timeline::default()),
             precise_mode: self.precise_mode,
             code: Mutex::new(Vec::new()),
             sites: RwLock::new(Sites::default()),
@@ -188,6 +190,17 @@ enum Phase {
     Running,
     Ended(Outcome),
 }
+
+/// Samples of cumulative exits by reason, taken by the supervisor as it wakes (every 1 to
+/// 50 ms) and at the end of each run; times run on across runs.
+#[derive(Default)]
+struct Timeline {
+    samples: Vec<(Duration, BTreeMap<&'static str, u64>)>,
+    /// Where the current run's clock starts: the end of the previous run.
+    offset: Duration,
+}
+
+const MAX_TIMELINE_SAMPLES: usize = 4096;
 
 struct RunState {
     phase: Phase,
@@ -213,6 +226,7 @@ pub(crate) struct Machine {
     ram: GuestRam,
     /// Tells vCPU loops to return; set with `run.end`.
     stop: AtomicBool,
+    timeline: Mutex<Timeline>,
     /// Whether RDMSR/WRMSR exits to userspace are enabled (on the first MSR hook).
     msr_exits: Mutex<bool>,
     /// CPUID entries static hooks set that KVM did not keep.
@@ -226,6 +240,24 @@ pub(crate) struct Machine {
 }
 
 impl Machine {
+    /// Records cumulative exits by reason at `at` (since the run started) for the timeline,
+    /// halving its resolution when it grows long so a long run stays cheap to keep.
+    fn sample_exits(&self, at: Duration) {
+        let mut total = BTreeMap::new();
+        for s in &self.stats {
+            for (reason, n) in &lock(s).exits {
+                *total.entry(*reason).or_insert(0) += n;
+            }
+        }
+        let mut timeline = lock(&self.timeline);
+        let offset = timeline.offset;
+        timeline.samples.push((offset + at, total));
+        if timeline.samples.len() > MAX_TIMELINE_SAMPLES {
+            let kept = timeline.samples.iter().step_by(2).cloned().collect();
+            timeline.samples = kept;
+        }
+    }
+
     /// Counts a vCPU thread of the current run out (or one that never started). The last one
     /// publishes the outcome at once, so a waiter does not also wait for the supervisor to
     /// notice and reap the threads.
@@ -407,6 +439,10 @@ impl Vm {
             // Static CPUID hooks shape the table, which KVM accepts only before the first run.
             self.apply_static_cpuid()?;
             st.has_run = true;
+        }
+        {
+            let mut timeline = lock(&self.machine.timeline);
+            timeline.offset = timeline.samples.last().map_or(Duration::ZERO, |(t, _)| *t);
         }
         st.phase = Phase::Running;
         st.end = None;
@@ -721,6 +757,12 @@ impl Vm {
     /// table is applied, at the first start). Use precise hooks for those leaves.
     pub fn cpuid_ignored(&self) -> Vec<CpuidIgnored> {
         lock(&self.machine.cpuid_ignored).clone()
+    }
+
+    /// Cumulative exits by reason over the VM's runs: (seconds since the first start, counts),
+    /// sampled every 1 to 50 ms and at the end of each run.
+    pub fn exit_timeline(&self) -> Vec<(f64, BTreeMap<&'static str, u64>)> {
+        lock(&self.machine.timeline).samples.iter().map(|(t, c)| (t.as_secs_f64(), c.clone())).collect()
     }
 
     /// Exit counters of every vCPU, merged.

@@ -23,7 +23,9 @@ pub(super) fn supervise(machine: Arc<Machine>, vcpus: Vec<Option<JoinHandle<()>>
     let mut parked_rounds = 0;
     let mut kicked_to_end = false;
     let mut hooks_seen = machine.hooks.generation();
+    let started = Instant::now();
     loop {
+        machine.sample_exits(started.elapsed());
         let st = lock(&machine.run);
         // Wake when the run must end (once: after kicking, only when the threads are gone or
         // the re-kick interval has passed), or when the slice is up.
@@ -74,6 +76,7 @@ pub(super) fn supervise(machine: Arc<Machine>, vcpus: Vec<Option<JoinHandle<()>>
     }
     // The last vCPU thread out has published the outcome (a panic included, through `Alive`);
     // what is left is to reap the threads.
+    machine.sample_exits(started.elapsed());
     reap(vcpus);
 }
 
