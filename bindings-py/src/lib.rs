@@ -139,6 +139,17 @@ impl NativeVm {
     }
 }
 
+impl Drop for NativeVm {
+    fn drop(&mut self) {
+        // Dropping a running VM stops it and joins its threads, which may log through
+        // Python's logging: do it with the GIL released, as close() does.
+        let vm = self.vm.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(vm) = vm {
+            Python::attach(|py| py.detach(move || drop(vm)));
+        }
+    }
+}
+
 #[pymethods]
 impl NativeVm {
     #[new]
@@ -424,6 +435,13 @@ fn parse_memory_size(py: Python<'_>, text: &str) -> PyResult<u64> {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The core's `log` records go to Python's logging, under "vmcore.<module>" loggers. vmcore
+    // logs only rare events, so levels are asked of Python each time rather than cached, and
+    // logging configured after the import is honoured. Another extension may have installed
+    // a logger already; then records go there.
+    if let Ok(logger) = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Nothing) {
+        let _ = logger.install();
+    }
     m.add_class::<NativeVm>()?;
     m.add_class::<hooks::HookEvent>()?;
     m.add_function(wrap_pyfunction!(parse_memory_size, m)?)?;

@@ -336,3 +336,13 @@ def test_i386_guests_with_paging(vm, guests, image, code, text):
     assert vm.console.output == text
     message = guests.symbol(f"obj/{image.replace('.bin', '.flat')}", "message")
     assert vm.read_virt(0, 0xC0000000 | (message & 0xFFF), len(text)) == text.encode()
+
+
+def test_core_log_records_reach_python_logging(vm, guests, caplog):
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="vmcore"):
+        vm.load_flat(guests.bytes("debug-exit.bin"))
+        vm.run(timeout=5)
+    ended = [r for r in caplog.records if r.name.startswith("vmcore") and "run ended: debug_exit" in r.getMessage()]
+    assert ended and ended[0].levelno == logging.INFO

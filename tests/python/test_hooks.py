@@ -213,3 +213,18 @@ def test_hlt_hook_hears_the_halt_and_may_stop(vm, guests):
     assert (outcome.reason, outcome.result) == ("hook_stop", "halted at the end")
     assert halts == [halt_here + 1], "RIP is past the hlt while the vCPU sleeps"
     assert vm.stats()["ports"][0x3F8] == len("hello from elf64\n")
+
+
+def test_static_cpuid_hooks_may_look_at_their_vm(vm, guests):
+    seen = []
+
+    @vm.on_cpuid(0x40000100)
+    def leaf(ev):
+        seen.append((vm.is_running, vm.outcome, ev.regs.rip))
+        with pytest.raises(vmcore.VmStateError, match="being started"):
+            vm.start()
+        return (1, 2, 3, 4)
+
+    vm.load_elf(guests.path("cpuid.elf"))
+    assert vm.run(timeout=5).reason == "halted"
+    assert seen == [(False, None, 0x100000)]

@@ -93,15 +93,20 @@ impl Write for ConsoleWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut st = lock(&self.0.state);
         st.bytes.extend_from_slice(buf);
+        let mut lost_tee = None;
         if let Some(tee) = st.tee.as_mut() {
             if let Err(e) = tee.write_all(buf).and_then(|_| tee.flush()) {
                 // Keep the guest running and the buffer complete; report the lost tee once.
                 st.tee_error = Some(e.to_string());
                 st.tee = None;
+                lost_tee = Some(e);
             }
         }
         drop(st);
         self.0.grew.notify_all();
+        if let Some(e) = lost_tee {
+            log::warn!("console tee stopped: {e}");
+        }
         Ok(buf.len())
     }
 

@@ -177,6 +177,7 @@ impl VmBuilder {
             cpuid_ignored: Mutex::new(Vec::new()),
             changed: Condvar::new(),
         };
+        log::debug!("built a VM: {} MiB, {} vCPU(s), precise mode {:?}", self.memory >> 20, count, self.precise_mode);
         Ok(Vm { machine: Arc::new(machine), supervisor: Mutex::new(None) })
     }
 }
@@ -264,12 +265,22 @@ impl Machine {
     fn vcpu_thread_done(&self) {
         let mut st = lock(&self.run);
         st.alive -= 1;
-        if st.alive == 0 {
-            let outcome = st.end.take().unwrap_or_else(|| Outcome::internal("the vCPU threads ended without a reason"));
-            self.console.set_live(false, &outcome.to_string());
-            st.phase = Phase::Ended(outcome);
+        if st.alive > 0 {
+            drop(st);
+            self.changed.notify_all();
+            return;
         }
+        let outcome = st.end.take().unwrap_or_else(|| Outcome::internal("the vCPU threads ended without a reason"));
         drop(st);
+        // Logging may call into a binding (Python's logging takes the GIL), so it happens with
+        // no lock held, and before the outcome is published, so whoever waits for the outcome
+        // also sees the record. Meanwhile the phase is still Running: callers keep waiting.
+        match outcome.reason {
+            ExitReason::InternalError | ExitReason::EmulationFailure => log::warn!("run ended: {outcome}"),
+            _ => log::info!("run ended: {outcome}"),
+        }
+        self.console.set_live(false, &outcome.to_string());
+        lock(&self.run).phase = Phase::Ended(outcome);
         self.changed.notify_all();
     }
 
@@ -410,7 +421,13 @@ impl Vm {
                     .into(),
             ));
         }
-        self.machine.sites.write().unwrap_or_else(|p| p.into_inner()).replant(&self.machine.ram, &code, wanted)
+        let planted = {
+            let mut sites = self.machine.sites.write().unwrap_or_else(|p| p.into_inner());
+            sites.replant(&self.machine.ram, &code, wanted)?;
+            sites.len()
+        };
+        log::debug!("site-trap mode: {planted} instruction site(s) planted");
+        Ok(())
     }
 
     /// How many sites site-trap mode has planted (for tests and statistics).
@@ -421,7 +438,13 @@ impl Vm {
     /// Starts the vCPUs and returns at once. With `timeout`, the run ends with outcome
     /// `timeout` once that much time has passed.
     pub fn start(&self, timeout: Option<Duration>) -> Result<()> {
-        let mut supervisor = lock(&self.supervisor);
+        // Held for the whole start, static CPUID hooks included; a hook starting its own VM
+        // gets an error rather than waiting for itself.
+        let mut supervisor = match self.supervisor.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(Error::State("the VM is being started".into())),
+        };
         let mut st = lock(&self.machine.run);
         match &st.phase {
             Phase::Empty => return Err(Error::State("nothing to run: load an image first (load_flat or load_elf)".into())),
@@ -437,7 +460,14 @@ impl Vm {
         }
         if !st.has_run {
             // Static CPUID hooks shape the table, which KVM accepts only before the first run.
+            // They run with the run state unlocked, so they may look at their VM; `supervisor`
+            // stays locked, so nothing else starts the VM meanwhile.
+            drop(st);
             self.apply_static_cpuid()?;
+            st = lock(&self.machine.run);
+            if !matches!(st.phase, Phase::Ready | Phase::Ended(_)) {
+                return Err(Error::State("the VM changed state while its CPUID table was built".into()));
+            }
             st.has_run = true;
         }
         {
@@ -670,6 +700,7 @@ impl Vm {
         }
         let vm = &self.machine.vm_fd;
         if !*enabled {
+            log::debug!("enabling user-space MSR exits for hooks");
             let reasons = KVM_MSR_EXIT_REASON_FILTER | KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_INVAL;
             let cap = kvm_enable_cap { cap: KVM_CAP_X86_USER_SPACE_MSR, args: [reasons.into(), 0, 0, 0], ..Default::default() };
             vm.enable_cap(&cap).map_err(Error::kvm("ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
@@ -706,8 +737,8 @@ impl Vm {
         }
         let mut ignored = Vec::new();
         for (index, slot) in self.machine.vcpus.iter().enumerate() {
-            let mut vcpu = lock(slot);
-            let mut entries: Vec<kvm_cpuid_entry2> = vcpu.cpuid().as_slice().to_vec();
+            // The hooks run with the vCPU unlocked; it is locked again to give KVM the table.
+            let mut entries: Vec<kvm_cpuid_entry2> = lock(slot).cpuid().as_slice().to_vec();
             for &(leaf, subleaf) in &triggers {
                 let present = entries.iter().any(|e| e.function == leaf && subleaf.is_none_or(|s| e.index == s));
                 if !present {
@@ -734,7 +765,7 @@ impl Vm {
             }
             let table = CpuId::from_entries(&entries)
                 .map_err(|_| Error::Config(format!("a CPUID table of {} entries is too large for KVM", entries.len())))?;
-            let kept = vcpu.set_cpuid(&table)?;
+            let kept = lock(slot).set_cpuid(&table)?;
             for wanted in changed {
                 let got = kept.as_slice().iter().find(|e| e.function == wanted.function && e.index == wanted.index);
                 let got = got.map(|e| [e.eax, e.ebx, e.ecx, e.edx]);
