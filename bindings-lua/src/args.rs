@@ -154,6 +154,8 @@ pub(crate) fn outcome(lua: &Lua, o: &Outcome) -> mlua::Result<Table> {
     t.set("detail", o.detail.as_str())?;
     t.set("summary", o.to_string())?;
     t.set("qemu_exit_status", o.qemu_exit_status().map(int))?;
+    // hook_stop: the value the hook passed to ev:stop.
+    t.set("result", crate::hooks::stop_result(lua, o))?;
     Ok(t)
 }
 
@@ -167,9 +169,20 @@ pub(crate) fn stats(lua: &Lua, s: &ExitStats) -> mlua::Result<Table> {
     };
     let addrs =
         |m: &std::collections::BTreeMap<u64, u64>| lua.create_table_from(m.iter().map(|(k, v)| (int(*k), int(*v))));
+    t.set("ports", ports(&s.ports)?)?;
     t.set("unhandled_port_reads", ports(&s.unhandled_port_reads)?)?;
     t.set("unhandled_port_writes", ports(&s.unhandled_port_writes)?)?;
     t.set("unhandled_mmio_reads", addrs(&s.unhandled_mmio_reads)?)?;
     t.set("unhandled_mmio_writes", addrs(&s.unhandled_mmio_writes)?)?;
+    let msrs = |m: &std::collections::BTreeMap<u32, u64>| {
+        lua.create_table_from(m.iter().map(|(k, v)| (i64::from(*k), int(*v))))
+    };
+    t.set("msr_reads", msrs(&s.msr_reads)?)?;
+    t.set("msr_writes", msrs(&s.msr_writes)?)?;
+    t.set("cpuid_leaves", msrs(&s.cpuid_leaves)?)?;
+    t.set("cr_accesses", lua.create_table_from(s.cr_accesses.iter().map(|(k, v)| (i64::from(*k), int(*v))))?)?;
+    t.set("hook_events", lua.create_table_from(s.hook_events.iter().map(|(k, v)| (*k, int(*v))))?)?;
+    t.set("hook_calls", int(s.hook_calls))?;
+    t.set("hook_seconds", s.hook_time.as_secs_f64())?;
     Ok(t)
 }

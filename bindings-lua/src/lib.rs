@@ -4,8 +4,10 @@
 //!
 //! * this crate's native part (`native.rs`): a userdata around [`vmcore::Vm`] whose methods
 //!   translate Lua values to core calls and core results to plain Lua values. It holds no VM
-//!   logic. Every native call returns `true, results...` on success or `false, message` on a
-//!   core error, so nothing raises through mlua's error objects;
+//!   logic. Hooks (`hooks.rs`) run on the Lua thread: vCPU threads send their events to it and
+//!   wait, while it serves them during the calls that wait for the guest. Every native call
+//!   returns `true, results...` on success or `false, message` on a core error, so nothing raises
+//!   through mlua's error objects;
 //! * `vmcore.lua`, compiled into the library: the user-facing objects (`Vm`, `Console`,
 //!   `Registers`, outcome and match tables). It turns `false, message` into a Lua error whose
 //!   message is a plain string, `"vmcore.<Kind>: <core message>"`.
@@ -14,6 +16,7 @@
 
 mod args;
 mod fail;
+mod hooks;
 mod native;
 
 use mlua::{Lua, Table};

@@ -1,8 +1,12 @@
 //! The native VM handle and module functions that `vmcore.lua` builds on.
 //!
 //! Each method converts its arguments (`args`), makes one core call, and converts the result.
-//! Methods return `true, results...` or `false, "vmcore.<Kind>: message"` (see `fail`).
+//! Methods return `true, results...` or `false, "vmcore.<Kind>: message"` (see `fail`). Calls that
+//! wait for the guest (`start`, `wait`, `run`, `stop`, `console_expect`) take the hook dispatcher
+//! from `vmcore.lua` as their last argument and wait through the pump (`hooks`).
 
+use std::cell::RefCell;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mlua::{Lua, MultiValue, Table, UserData, UserDataMethods, Value};
@@ -12,26 +16,45 @@ use vmcore::{CpuMode, Error, Vm, VmBuilder};
 
 use crate::args::{self, describe, int};
 use crate::fail::{bad, core, reply, Res};
+use crate::hooks::{raise_hook_error, Pump};
 
 /// `expect` waits this long when no timeout is given, as in Python.
 const DEFAULT_EXPECT_SECONDS: f64 = 10.0;
 /// Where `load_flat` puts code by default (the guests' link address for protected/long mode).
 const DEFAULT_LOAD_ADDRESS: u64 = 0x10_0000;
 
-/// One VM. `None` once closed: closing drops the core `Vm`, whose `Drop` stops the run and joins
-/// its threads, and then its file descriptors and guest RAM go. The garbage collector drops it
-/// the same way (mlua's `__gc` drops the Rust value).
+/// One VM. `None` once closed: closing shuts the hook pump (so no vCPU waits for Lua any more),
+/// then drops the core `Vm`, whose `Drop` stops the run and joins its threads, and then its file
+/// descriptors and guest RAM go. The garbage collector drops it the same way (mlua's `__gc` drops
+/// the Rust value). The `Vm` is shared with the helper thread of a pumped call while that runs.
 pub(crate) struct NativeVm {
-    vm: Option<Vm>,
+    vm: RefCell<Option<Arc<Vm>>>,
+    pump: Pump,
+}
+
+impl Drop for NativeVm {
+    fn drop(&mut self) {
+        self.pump.close();
+        drop(self.vm.get_mut().take());
+    }
 }
 
 impl NativeVm {
-    fn get(&self) -> Res<&Vm> {
-        self.vm.as_ref().ok_or_else(|| Error::State("the VM is closed".into()).into())
+    fn get(&self) -> Res<Arc<Vm>> {
+        self.vm.borrow().clone().ok_or_else(|| Error::State("the VM is closed".into()).into())
+    }
+
+    fn close(&self) -> Res<()> {
+        self.pump.refuse_in_hook("close the VM")?;
+        self.pump.close();
+        let vm = self.vm.borrow_mut().take();
+        // Dropping the core Vm stops it and joins its threads.
+        drop(vm);
+        Ok(())
     }
 
     fn build(opts: &Value) -> Res<NativeVm> {
-        let opts = args::options(opts, "vmcore.Vm{...}", &["memory", "vcpus", "tee"])?;
+        let opts = args::options(opts, "vmcore.Vm{...}", &["memory", "vcpus", "tee", "precise"])?;
         let mut builder = VmBuilder::new();
         if let Some(t) = opts {
             builder = match t.raw_get::<Value>("memory")? {
@@ -56,8 +79,12 @@ impl NativeVm {
                     return Err(bad(format!("tee must be \"stdout\", \"stderr\" or a file path, got {}", describe(&v))))
                 }
             };
+            builder = match t.raw_get::<Value>("precise")? {
+                Value::Nil => builder,
+                v => builder.precise_mode(core(args::text(&v, "precise")?.parse())?),
+            };
         }
-        Ok(NativeVm { vm: Some(core(builder.build())?) })
+        Ok(NativeVm { vm: RefCell::new(Some(Arc::new(core(builder.build())?))), pump: Pump::new() })
     }
 
     /// Returns the entry address.
@@ -75,6 +102,7 @@ impl NativeVm {
                 mode = core(args::text(&m, "mode")?.parse())?;
             }
         }
+        self.pump.refuse_in_static_cpuid("load an image")?;
         let entry = core(self.get()?.load_flat(&code, address, mode))?;
         Ok(int(entry.address))
     }
@@ -82,6 +110,7 @@ impl NativeVm {
     /// Returns the entry address.
     fn load_elf(&self, path: &Value) -> Res<i64> {
         let path = args::path(path, "path")?;
+        self.pump.refuse_in_static_cpuid("load an image")?;
         let entry = core(self.get()?.load_elf(&path))?;
         Ok(int(entry.address))
     }
@@ -111,35 +140,61 @@ impl UserData for NativeVm {
     fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
         method(m, "memory_size", |_, this, ()| Ok(int(this.get()?.memory_size())));
         method(m, "vcpu_count", |_, this, ()| Ok(this.get()?.vcpu_count() as i64));
-        method(m, "is_running", |_, this, ()| Ok(this.get()?.is_running()));
-        method(m, "closed", |_, this, ()| Ok(this.vm.is_none()));
-        method(m, "outcome", |lua, this, ()| Ok(this.get()?.outcome().map(|o| args::outcome(lua, &o)).transpose()?));
+        method(m, "is_running", |_, this, ()| {
+            this.pump.refuse_in_static_cpuid("ask whether the VM is running")?;
+            Ok(this.get()?.is_running())
+        });
+        method(m, "closed", |_, this, ()| Ok(this.vm.borrow().is_none()));
+        method(m, "outcome", |lua, this, ()| {
+            this.pump.refuse_in_static_cpuid("read the outcome")?;
+            Ok(this.get()?.outcome().map(|o| args::outcome(lua, &o)).transpose()?)
+        });
 
         method(m, "load_flat", |_, this, (code, opts): (Value, Value)| this.load_flat(&code, &opts));
         method(m, "load_elf", |_, this, path: Value| this.load_elf(&path));
 
-        method(m, "start", |_, this, t: Value| {
+        // A hook that raised ends the run with "hook_error"; run and wait raise its message
+        // (once: afterwards the outcome is returned, as by vm.outcome and stop).
+        method(m, "start", |lua, this, (t, dispatch): (Value, Value)| {
             let t = args::timeout(&t, "start timeout")?;
-            core(this.get()?.start(t))
+            core(this.pump.pumped(lua, &dispatch, &*this.get()?, "start the VM", |vm| vm.start(t))?)
         });
-        method(m, "wait", |lua, this, t: Value| {
+        method(m, "wait", |lua, this, (t, dispatch): (Value, Value)| {
             let t = args::timeout(&t, "wait timeout")?;
-            let outcome = core(this.get()?.wait(t))?;
+            let outcome = core(this.pump.pumped(lua, &dispatch, &*this.get()?, "wait for the VM", |vm| vm.wait(t))?)?;
+            if let Some(o) = &outcome {
+                raise_hook_error(o)?;
+            }
             Ok(outcome.map(|o| args::outcome(lua, &o)).transpose()?)
         });
-        method(m, "run", |lua, this, t: Value| {
+        method(m, "run", |lua, this, (t, dispatch): (Value, Value)| {
             let t = args::timeout(&t, "run timeout")?;
-            let outcome = core(this.get()?.run(t))?;
+            let outcome = core(this.pump.pumped(lua, &dispatch, &*this.get()?, "run the VM", |vm| vm.run(t))?)?;
+            raise_hook_error(&outcome)?;
             Ok(args::outcome(lua, &outcome)?)
         });
-        method(m, "stop", |lua, this, ()| {
-            let outcome = core(this.get()?.stop())?;
+        method(m, "stop", |lua, this, dispatch: Value| {
+            let outcome = core(this.pump.pumped(lua, &dispatch, &*this.get()?, "stop the VM", |vm| vm.stop())?)?;
             Ok(outcome.map(|o| args::outcome(lua, &o)).transpose()?)
         });
-        m.add_method_mut("close", |lua, this, ()| {
-            // Dropping the core Vm stops it and joins its threads.
-            drop(this.vm.take());
-            reply(lua, Ok(()))
+        method(m, "close", |_, this, ()| this.close());
+
+        method(m, "add_hook", |_, this, (kind, params, opts): (Value, Value, Value)| {
+            this.pump.add(&*this.get()?, &kind, &params, &opts)
+        });
+        method(m, "remove_hook", |_, this, id: Value| this.pump.remove(&*this.get()?, &id));
+        method(m, "cpuid_ignored", |lua, this, ()| {
+            let list = lua.create_table()?;
+            for (i, c) in this.get()?.cpuid_ignored().into_iter().enumerate() {
+                let t = lua.create_table()?;
+                t.set("vcpu", c.vcpu as i64)?;
+                t.set("leaf", i64::from(c.leaf))?;
+                t.set("subleaf", i64::from(c.subleaf))?;
+                t.set("wanted", lua.create_sequence_from(c.wanted.map(i64::from))?)?;
+                t.set("kept", c.kept.map(|k| lua.create_sequence_from(k.map(i64::from))).transpose()?)?;
+                list.raw_set(i + 1, t)?;
+            }
+            Ok(list)
         });
 
         method(m, "console_output", |lua, this, ()| Ok(lua.create_string(this.get()?.console().output())?));
@@ -149,7 +204,7 @@ impl UserData for NativeVm {
             let data = args::bytes(&data, "data")?;
             core(this.get()?.console().send(&data))
         });
-        method(m, "console_expect", |lua, this, (pattern, t): (Value, Value)| {
+        method(m, "console_expect", |lua, this, (pattern, t, dispatch): (Value, Value, Value)| {
             let pattern = args::text(&pattern, "pattern")?;
             let t = match t {
                 Value::Nil => Value::Number(DEFAULT_EXPECT_SECONDS),
@@ -157,7 +212,9 @@ impl UserData for NativeVm {
             };
             let forever = Duration::from_secs_f64(args::FOREVER_SECONDS);
             let t = args::timeout(&t, "expect timeout")?.unwrap_or(forever);
-            let found = core(this.get()?.console().expect(&pattern, t))?;
+            let found = core(this.pump.pumped(lua, &dispatch, &*this.get()?, "wait for console output", |vm| {
+                vm.console().expect(&pattern, t)
+            })?)?;
             Ok(match_table(lua, found)?)
         });
 

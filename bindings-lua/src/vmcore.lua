@@ -8,8 +8,8 @@
 
 local native = ...
 
-local error, getmetatable, setmetatable, rawget, tostring, type, format =
-  error, getmetatable, setmetatable, rawget, tostring, type, string.format
+local error, getmetatable, setmetatable, rawget, rawset, tostring, type, pcall, format, tointeger =
+  error, getmetatable, setmetatable, rawget, rawset, tostring, type, pcall, string.format, math.tointeger
 
 local function check(ok, ...)
   if ok then
@@ -20,6 +20,7 @@ end
 
 -- Private keys of the objects below, unreachable from outside this file.
 local NATIVE, INDEX, REGS, CONSOLE, VCPUS = {}, {}, {}, {}, {}
+local HOOKS, DISPATCH, VM, VETOED, STOPPED, RESULT = {}, {}, {}, {}, {}, {}
 
 local M = {
   version = native.version,
@@ -100,7 +101,8 @@ function console_methods.send(self, data)
 end
 
 function console_methods.expect(self, pattern, timeout)
-  return setmetatable(check(native_of(self, Console, "expect"):console_expect(pattern, timeout)), Match)
+  local handle = native_of(self, Console, "expect")
+  return setmetatable(check(handle:console_expect(pattern, timeout, rawget(self, DISPATCH))), Match)
 end
 
 function Console.__tostring(self)
@@ -221,8 +223,8 @@ end
 
 -- Methods whose results need no shaping.
 for _, name in ipairs({
-  "load_flat", "load_elf", "start", "read_phys", "write_phys", "read_virt", "write_virt",
-  "translate", "stats", "close",
+  "load_flat", "load_elf", "read_phys", "write_phys", "read_virt", "write_virt",
+  "translate", "stats", "close", "cpuid_ignored",
 }) do
   vm_methods[name] = function(self, ...)
     local handle = native_of(self, Vm, name)
@@ -230,12 +232,283 @@ for _, name in ipairs({
   end
 end
 
--- Methods that return an outcome (or nil).
-for _, name in ipairs({ "run", "wait", "stop" }) do
-  vm_methods[name] = function(self, ...)
-    local handle = native_of(self, Vm, name)
-    return outcome(check(handle[name](handle, ...)))
+-- Calls that wait for the guest serve its hooks meanwhile: they hand the native side this VM's
+-- hook dispatcher. run and wait return an outcome (or nil), and raise a hook's error.
+function vm_methods.start(self, timeout)
+  local handle = native_of(self, Vm, "start")
+  check(handle:start(timeout, rawget(self, DISPATCH)))
+end
+
+function vm_methods.run(self, timeout)
+  local handle = native_of(self, Vm, "run")
+  return outcome(check(handle:run(timeout, rawget(self, DISPATCH))))
+end
+
+function vm_methods.wait(self, timeout)
+  local handle = native_of(self, Vm, "wait")
+  return outcome(check(handle:wait(timeout, rawget(self, DISPATCH))))
+end
+
+function vm_methods.stop(self)
+  local handle = native_of(self, Vm, "stop")
+  return outcome(check(handle:stop(rawget(self, DISPATCH))))
+end
+
+---------------------------------------------------------------------------------------------
+-- Hooks. The native side calls a VM's dispatcher, on this thread, with a hook id and an event
+-- table whenever a vCPU waits for one of its Lua hooks; the dispatcher calls the hook and returns
+-- its decisions (see `answer` in hooks.rs).
+
+local event_methods = {}
+local Event = { __name = "vmcore.HookEvent" }
+
+function Event.__index(self, key)
+  local m = event_methods[key]
+  if m ~= nil then
+    return m
   end
+  if key == "vm" then
+    return rawget(self, VM)
+  elseif key == "regs" then
+    return rawget(self, VM).vcpus[rawget(self, "vcpu")].regs
+  elseif key == "vetoed" then
+    return rawget(self, VETOED) == true
+  end
+  return nil
+end
+
+-- Assigning a field the event does not have is a mistake (`ev.vlaue = 1`), except `value` on a
+-- read, which has none until a hook supplies it. (Fields the event has are plain table fields.)
+function Event.__newindex(self, key, value)
+  if key ~= "value" then
+    error(format("vmcore.HookEvent has no field %s (a hook assigns only ev.value)", tostring(key)), 2)
+  end
+  rawset(self, key, value)
+end
+
+function Event.__tostring(self)
+  return format("vmcore.HookEvent %s vcpu=%d rip=0x%x", rawget(self, "kind"), rawget(self, "vcpu"), rawget(self, "rip"))
+end
+
+--- Drops the write: it never reaches the device, MSR or control register.
+function event_methods.veto(self)
+  rawset(self, VETOED, true)
+end
+
+--- Ends the run after this event with outcome "hook_stop"; `result` becomes outcome.result (and
+--- outcome.code when it is an integer).
+function event_methods.stop(self, result)
+  rawset(self, STOPPED, true)
+  rawset(self, RESULT, result)
+end
+
+function event_methods.read_virt(self, address, length)
+  return rawget(self, VM):read_virt(rawget(self, "vcpu"), address, length)
+end
+
+function event_methods.read_phys(self, address, length)
+  return rawget(self, VM):read_phys(address, length)
+end
+
+function event_methods.write_phys(self, address, data)
+  return rawget(self, VM):write_phys(address, data)
+end
+
+-- A raised value as the message of a hook error (as lua.c shows an error object).
+local function error_message(err)
+  if type(err) == "string" or type(err) == "number" then
+    return tostring(err)
+  end
+  local mt = getmetatable(err)
+  if type(mt) == "table" and rawget(mt, "__tostring") ~= nil then
+    local ok, text = pcall(tostring, err)
+    if ok and type(text) == "string" then
+      return text
+    end
+  end
+  return format("(error object is a %s value)", type(err))
+end
+
+-- A value's type, with the value for numbers, booleans and strings, for error messages.
+local function describe(v)
+  if type(v) == "string" then
+    return format("string %q", v)
+  elseif type(v) == "number" then
+    return format("%s %s", math.type(v), tostring(v))
+  elseif type(v) == "boolean" then
+    return format("boolean %s", tostring(v))
+  end
+  return type(v)
+end
+
+-- A u64 bit pattern from a Lua number (integer, or integral float); nil for anything else.
+local function bits(v)
+  if type(v) == "number" then
+    return tointeger(v)
+  end
+  return nil
+end
+
+-- Event kinds by the number the native side sends (`kind_code` in hooks.rs).
+local KINDS = { "io", "mmio", "msr", "cpuid", "cr", "breakpoint", "step", "hlt", "shutdown", "exit" }
+
+-- The dispatcher of one VM: called by the native side with a hook id and the event's fields
+-- (see `operands` in hooks.rs); calls the hook and returns its decisions (see `answer` there).
+local function dispatcher(vm, hooks)
+  return function(id, code, vcpu, rip, value, instruction, a, b, c)
+    local fn = hooks[id]
+    if fn == nil then
+      -- Removed after it fired: the event passes.
+      return true, value
+    end
+    local kind = KINDS[code]
+    instruction = instruction or ""
+    local ev
+    if kind == "io" then
+      ev = { kind = kind, vcpu = vcpu, rip = rip, value = value, instruction = instruction, [VM] = vm,
+        port = a, size = b, is_write = c }
+    elseif kind == "mmio" then
+      ev = { kind = kind, vcpu = vcpu, rip = rip, value = value, instruction = instruction, [VM] = vm,
+        address = a, size = b, is_write = c }
+    elseif kind == "msr" then
+      ev = { kind = kind, vcpu = vcpu, rip = rip, value = value, instruction = instruction, [VM] = vm,
+        index = a, is_write = b }
+    elseif kind == "cpuid" then
+      ev = { kind = kind, vcpu = vcpu, rip = rip, value = value, instruction = instruction, [VM] = vm,
+        leaf = a, subleaf = b }
+    elseif kind == "cr" then
+      ev = { kind = kind, vcpu = vcpu, rip = rip, value = value, instruction = instruction, [VM] = vm,
+        cr = a, old = b, is_write = c }
+    elseif kind == "breakpoint" then
+      ev = { kind = kind, vcpu = vcpu, rip = rip, value = value, instruction = instruction, [VM] = vm, address = a }
+    elseif kind == "exit" then
+      ev = { kind = kind, vcpu = vcpu, rip = rip, value = value, instruction = instruction, [VM] = vm, reason = a }
+    else
+      ev = { kind = kind, vcpu = vcpu, rip = rip, value = value, instruction = instruction, [VM] = vm }
+    end
+    setmetatable(ev, Event)
+    local ok, r1, r2, r3, r4 = pcall(fn, ev)
+    if not ok then
+      return false, error_message(r1)
+    end
+    value = rawget(ev, "value")
+    local eax, ebx, ecx, edx
+    if r1 ~= nil then
+      if kind == "cpuid" then
+        if type(r1) == "table" then
+          r1, r2, r3, r4 = r1[1], r1[2], r1[3], r1[4]
+        end
+        eax, ebx, ecx, edx = bits(r1), bits(r2), bits(r3), bits(r4)
+        if not (eax and ebx and ecx and edx) then
+          return false, format("a CPUID hook returns eax, ebx, ecx, edx (four integers, or a table of four) "
+            .. "or nil, not %s", describe(r1))
+        end
+        eax, ebx, ecx, edx = eax & 0xffffffff, ebx & 0xffffffff, ecx & 0xffffffff, edx & 0xffffffff
+      elseif c == false or (kind == "msr" and b == false) then
+        -- A read (is_write is false): the hook's return value is the value read.
+        value = r1
+      end
+    end
+    if value ~= nil then
+      local v = bits(value)
+      if v == nil then
+        return false, format("a read hook returns an integer (the value) or nil, and ev.value must be an "
+          .. "integer, not %s", describe(value))
+      end
+      value = v
+    end
+    local vetoed, stopped = rawget(ev, VETOED) == true, rawget(ev, STOPPED) == true
+    if not (vetoed or stopped or eax) then
+      return true, value
+    end
+    local result, detail = rawget(ev, RESULT), nil
+    if stopped then
+      detail = result == nil and "stopped by a hook" or error_message(result)
+    end
+    return true, value, vetoed, stopped, result, detail, eax, ebx, ecx, edx
+  end
+end
+
+-- Registers hook `fn` of `kind`: `params` holds the positional arguments, `opts` the options.
+local function add_hook(self, method, kind, params, opts, fn)
+  local handle = native_of(self, Vm, method)
+  local mt = getmetatable(fn)
+  if type(fn) ~= "function" and not (type(mt) == "table" and rawget(mt, "__call") ~= nil) then
+    error(format("vmcore.ConfigError: invalid configuration: %s needs a function (the hook) as its last "
+      .. "argument, got %s", method, type(fn)), 0)
+  end
+  local id = check(handle:add_hook(kind, params, opts))
+  rawget(self, HOOKS)[id] = fn
+  return id
+end
+
+-- (a, fn) or (a, opts, fn): the options table is optional.
+local function split(opts, fn)
+  if fn == nil then
+    return nil, opts
+  end
+  return opts, fn
+end
+
+--- vm:on_cpuid(leaf, [{subleaf=, precise=}], fn): fn(ev) returns eax, ebx, ecx, edx or nothing.
+function vm_methods.on_cpuid(self, leaf, opts, fn)
+  opts, fn = split(opts, fn)
+  return add_hook(self, "on_cpuid", "cpuid", { leaf = leaf }, opts, fn)
+end
+
+--- vm:on_cr(cr, [{write=true|false|"both"}], fn): writes by default.
+function vm_methods.on_cr(self, cr, opts, fn)
+  opts, fn = split(opts, fn)
+  return add_hook(self, "on_cr", "cr", { cr = cr }, opts, fn)
+end
+
+--- vm:on_msr(index, [{write=true|false|"both"}], fn): RDMSR by default.
+function vm_methods.on_msr(self, index, opts, fn)
+  opts, fn = split(opts, fn)
+  return add_hook(self, "on_msr", "msr", { index = index }, opts, fn)
+end
+
+--- vm:on_io(port, [{size=, write=}], fn): IN and OUT by default.
+function vm_methods.on_io(self, port, opts, fn)
+  opts, fn = split(opts, fn)
+  return add_hook(self, "on_io", "io", { port = port }, opts, fn)
+end
+
+--- vm:on_mmio(address, size, [{write=}], fn): reads and writes by default.
+function vm_methods.on_mmio(self, address, size, opts, fn)
+  opts, fn = split(opts, fn)
+  return add_hook(self, "on_mmio", "mmio", { address = address, size = size }, opts, fn)
+end
+
+function vm_methods.on_breakpoint(self, address, fn)
+  return add_hook(self, "on_breakpoint", "breakpoint", { address = address }, nil, fn)
+end
+
+function vm_methods.on_step(self, fn)
+  return add_hook(self, "on_step", "step", {}, nil, fn)
+end
+
+--- fn(ev) once when a vCPU is found halted with interrupts off; ev:stop(result) ends the run.
+function vm_methods.on_hlt(self, fn)
+  return add_hook(self, "on_hlt", "hlt", {}, nil, fn)
+end
+
+function vm_methods.on_exit(self, fn)
+  return add_hook(self, "on_exit", "exit", {}, nil, fn)
+end
+
+function vm_methods.on_shutdown(self, fn)
+  return add_hook(self, "on_shutdown", "shutdown", {}, nil, fn)
+end
+
+--- Removes a hook by the id on_* returned; returns whether it was registered.
+function vm_methods.remove_hook(self, id)
+  local handle = native_of(self, Vm, "remove_hook")
+  local removed = check(handle:remove_hook(id))
+  if removed then
+    rawget(self, HOOKS)[id] = nil
+  end
+  return removed
 end
 
 -- `local vm <close> = vmcore.Vm{}` closes the VM when `vm` goes out of scope.
@@ -264,16 +537,21 @@ function Vm.__tostring(self)
   return format("vmcore.Vm memory=%dM vcpus=%d %s", size >> 20, count, state)
 end
 
---- vmcore.Vm{memory="64M", vcpus=1, tee=nil}: a new virtual machine. `memory` is bytes or a
---- size such as "64M"; `tee` copies console output to "stdout", "stderr" or a file path.
+--- vmcore.Vm{memory="64M", vcpus=1, tee=nil, precise="step"}: a new virtual machine. `memory`
+--- is bytes or a size such as "64M"; `tee` copies console output to "stdout", "stderr" or a file
+--- path; `precise` is how precise CPUID and control-register hooks find their instructions,
+--- "step" (single-step) or "trap" (int3 at those instructions of the loaded image).
 function M.Vm(opts)
   local handle = check(native.new_vm(opts))
   local count = check(handle:vcpu_count())
-  return setmetatable({
-    [NATIVE] = handle,
-    [CONSOLE] = setmetatable({ [NATIVE] = handle }, Console),
-    [VCPUS] = vcpu_list(handle, count),
-  }, Vm)
+  -- The hooks and the dispatcher are reachable from the VM only (never from the registry), so
+  -- a hook that refers to its VM does not keep it from being collected.
+  local hooks = {}
+  local vm = { [NATIVE] = handle, [VCPUS] = vcpu_list(handle, count), [HOOKS] = hooks }
+  local dispatch = dispatcher(vm, hooks)
+  vm[DISPATCH] = dispatch
+  vm[CONSOLE] = setmetatable({ [NATIVE] = handle, [DISPATCH] = dispatch }, Console)
+  return setmetatable(vm, Vm)
 end
 
 return M

@@ -1,6 +1,6 @@
 -- Shared set-up for the Lua binding's busted specs: builds target/lua/vmcore.so with
--- scripts/build-lua and puts it on package.cpath, builds the test guests into
--- target/guests/ if they are missing, and reads them.
+-- scripts/build-lua and puts it on package.cpath, builds the test guests into target/guests/
+-- (make, once per run: a no-op when they are current), reads them and looks up their symbols.
 
 local helper = {}
 
@@ -55,23 +55,14 @@ end
 package.cpath = helper.root .. "/target/lua/?.so;" .. package.cpath
 helper.vmcore = require("vmcore")
 
--- Every guest the specs use; all are built together by tests/guests/Makefile.
-local GUESTS = {
-  "hello-real.bin", "hello-prot.bin", "hello-long.bin", "hello-prot.elf", "hello-long.elf",
-  "debug-exit.bin", "triple-fault.bin", "spin.bin", "echo.bin",
-}
-
+-- All guests are built together by tests/guests/Makefile. make runs once per run, so a guest
+-- whose source changed is rebuilt rather than tested stale.
 local built = false
 local function ensure_guests()
   if built then
     return
   end
-  for _, name in ipairs(GUESTS) do
-    if not exists(helper.guest_dir .. "/" .. name) then
-      run("make -s -C " .. shell_quote(helper.root .. "/tests/guests"))
-      break
-    end
-  end
+  run("make -s -C " .. shell_quote(helper.root .. "/tests/guests"))
   built = true
 end
 
@@ -89,6 +80,20 @@ function helper.guest(name)
   local data = f:read("a")
   f:close()
   return data
+end
+
+--- The address of a global label in a guest ELF (from binutils' nm).
+function helper.symbol(name, symbol)
+  local p = assert(io.popen("nm " .. shell_quote(helper.guest_path(name))))
+  local address
+  for line in p:lines() do
+    local hex, sym = line:match("^(%x+) %a (%S+)$")
+    if sym == symbol then
+      address = tonumber(hex, 16)
+    end
+  end
+  p:close()
+  return assert(address, name .. " has no symbol " .. symbol)
 end
 
 --- Writes `data` to a new temporary file and returns its path (removed by helper.cleanup()).
