@@ -7,6 +7,7 @@
 
 use std::cell::RefCell;
 use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use mlua::{Lua, MultiValue, Table, UserData, UserDataMethods, Value};
@@ -115,6 +116,27 @@ impl NativeVm {
         Ok(int(entry.address))
     }
 
+    /// Returns the entry address. `opts`: `{cmdline = "...", modules = {"path", {"path", "args"}, ...}}`.
+    fn load_multiboot(&self, path: &Value, opts: &Value) -> Res<i64> {
+        let (path, cmdline, modules) = kernel_args(path, opts, "load_multiboot")?;
+        self.pump.refuse_in_static_cpuid("load an image")?;
+        let entry = core(self.get()?.load_multiboot(&path, &cmdline, &modules))?;
+        Ok(int(entry.address))
+    }
+
+    /// Like `load_multiboot`, for a kernel of either kind (multiboot or ELF), by its contents.
+    fn load_kernel(&self, path: &Value, opts: &Value) -> Res<i64> {
+        let (path, cmdline, modules) = kernel_args(path, opts, "load_kernel")?;
+        self.pump.refuse_in_static_cpuid("load an image")?;
+        let entry = core(self.get()?.load_kernel(&path, &cmdline, &modules))?;
+        Ok(int(entry.address))
+    }
+
+    fn add_fw_cfg_file(&self, name: &Value, data: &Value) -> Res<()> {
+        let (name, data) = (args::text(name, "name")?, args::bytes(data, "data")?);
+        core(self.get()?.add_fw_cfg_file(&name, data))
+    }
+
     /// Refuses lengths no read could satisfy before allocating a buffer for them.
     fn check_length(&self, length: usize) -> Res<()> {
         let size = self.get()?.memory_size();
@@ -123,6 +145,38 @@ impl NativeVm {
         }
         Ok(())
     }
+}
+
+/// A kernel path and its options: the command line and the modules, each a path or a
+/// `{path, args}` pair.
+fn kernel_args(path: &Value, opts: &Value, what: &str) -> Res<(PathBuf, String, Vec<(PathBuf, String)>)> {
+    let path = args::path(path, "path")?;
+    let opts = args::options(opts, &format!("{what} options"), &["cmdline", "modules"])?;
+    let (mut cmdline, mut modules) = (String::new(), Vec::new());
+    if let Some(t) = opts {
+        let c = t.raw_get::<Value>("cmdline")?;
+        if !c.is_nil() {
+            cmdline = args::text(&c, "cmdline")?;
+        }
+        match t.raw_get::<Value>("modules")? {
+            Value::Nil => {}
+            Value::Table(list) => {
+                for entry in list.sequence_values::<Value>() {
+                    modules.push(match entry? {
+                        Value::Table(pair) => {
+                            let module_args = pair.raw_get::<Value>(2)?;
+                            let module_args =
+                                if module_args.is_nil() { String::new() } else { args::text(&module_args, "module arguments")? };
+                            (args::path(&pair.raw_get::<Value>(1)?, "module path")?, module_args)
+                        }
+                        other => (args::path(&other, "module")?, String::new()),
+                    });
+                }
+            }
+            v => return Err(bad(format!("modules must be a list of paths or {{path, args}} pairs, got {}", describe(&v)))),
+        }
+    }
+    Ok((path, cmdline, modules))
 }
 
 /// Registers a native method: converts the result to the `true, ...` / `false, message` form.
@@ -152,6 +206,9 @@ impl UserData for NativeVm {
 
         method(m, "load_flat", |_, this, (code, opts): (Value, Value)| this.load_flat(&code, &opts));
         method(m, "load_elf", |_, this, path: Value| this.load_elf(&path));
+        method(m, "load_multiboot", |_, this, (path, opts): (Value, Value)| this.load_multiboot(&path, &opts));
+        method(m, "load_kernel", |_, this, (path, opts): (Value, Value)| this.load_kernel(&path, &opts));
+        method(m, "add_fw_cfg_file", |_, this, (name, data): (Value, Value)| this.add_fw_cfg_file(&name, &data));
 
         // A hook that raised ends the run with "hook_error"; run and wait raise its message
         // (once: afterwards the outcome is returned, as by vm.outcome and stop).
@@ -319,5 +376,8 @@ pub(crate) fn module(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.set("REGISTER_NAMES", lua.create_sequence_from(vmcore::cpu::REGISTER_NAMES.iter().copied())?)?;
     t.set("version", env!("CARGO_PKG_VERSION"))?;
+    // A monotonic wall clock in seconds (Lua's own os.clock is CPU time), for timing runs.
+    let origin = std::time::Instant::now();
+    t.set("monotonic", lua.create_function(move |_, ()| Ok(origin.elapsed().as_secs_f64()))?)?;
     Ok(t)
 }
