@@ -185,8 +185,7 @@ for i = 1, tonumber(arg[2]) do
   vm:on_io(0x80, {write=true}, function(ev) end)
   vm:load_flat(code, {address=0x10000, mode="real"})
   vm:start{timeout=120}
-  vm.console:expect("go
-", 120)
+  vm.console:expect("go\n", 120)
   local t0 = vmcore.monotonic()
   local out = vm:wait()
   best[#best + 1] = (vmcore.monotonic() - t0) * 1e6

@@ -113,14 +113,14 @@ impl HookEvent {
         h
     }
 
-    /// Copies what the Python hook decided into the core event.
-    fn apply_to(self, ev: &mut Event) {
+    /// Copies what the Python hook decided into the core event (the stop request moves).
+    fn apply_to(&mut self, ev: &mut Event) {
         ev.value = self.value;
         ev.cpuid = self.cpuid.map(|(a, b, c, d)| [a, b, c, d]);
         if self.vetoed {
             ev.veto();
         }
-        if let Some((code, detail, payload)) = self.stop {
+        if let Some((code, detail, payload)) = self.stop.take() {
             ev.stop(StopRequest { code, detail, payload: Some(Box::new(payload)) });
         }
     }
@@ -234,8 +234,7 @@ pub fn callback(callback: Py<PyAny>) -> HookFn {
         Python::attach(|py| {
             let event = Py::new(py, HookEvent::from_core(ev)).map_err(|e| hook_error(py, e))?;
             callback.call1(py, (event.clone_ref(py),)).map_err(|e| hook_error(py, e))?;
-            let answered = std::mem::replace(&mut *event.borrow_mut(py), HookEvent::from_core(ev));
-            answered.apply_to(ev);
+            event.borrow_mut(py).apply_to(ev);
             Ok(())
         })
     })

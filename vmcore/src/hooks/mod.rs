@@ -8,7 +8,7 @@
 
 use std::any::Any;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// What a hook is for.
@@ -55,6 +55,22 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// One bit per kind of trigger that can match this event (see `Hooks::kinds`).
+    fn kind_bit(&self) -> u32 {
+        match self {
+            EventKind::Io { .. } => 1 << 0,
+            EventKind::Mmio { .. } => 1 << 1,
+            EventKind::Msr { .. } => 1 << 2,
+            EventKind::Cpuid { .. } | EventKind::CpuidTable { .. } => 1 << 3,
+            EventKind::Cr { .. } => 1 << 4,
+            EventKind::Breakpoint { .. } => 1 << 5,
+            EventKind::Step => 1 << 6,
+            EventKind::Hlt => 1 << 7,
+            EventKind::Shutdown => 1 << 8,
+            EventKind::Exit { .. } => 1 << 9,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             EventKind::Io { .. } => "io",
@@ -206,6 +222,26 @@ pub struct Hooks {
     count: AtomicUsize,
     /// Bumped on every change, so vCPUs know to re-arm KVM (guest debug, precise mode).
     generation: AtomicU64,
+    /// Which kinds of trigger are registered (`EventKind::kind_bit`), so most events are
+    /// turned away without taking the lock.
+    kinds: AtomicU32,
+}
+
+impl Trigger {
+    fn kind_bit(&self) -> u32 {
+        match self {
+            Trigger::Io { .. } => 1 << 0,
+            Trigger::Mmio { .. } => 1 << 1,
+            Trigger::Msr { .. } => 1 << 2,
+            Trigger::Cpuid { .. } => 1 << 3,
+            Trigger::Cr { .. } => 1 << 4,
+            Trigger::Breakpoint { .. } => 1 << 5,
+            Trigger::Step => 1 << 6,
+            Trigger::Hlt => 1 << 7,
+            Trigger::Shutdown => 1 << 8,
+            Trigger::AnyExit => 1 << 9,
+        }
+    }
 }
 
 impl Hooks {
@@ -213,8 +249,7 @@ impl Hooks {
         let id = HookId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         entries.push(Entry { id, trigger, callback });
-        self.count.store(entries.len(), Ordering::Release);
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.changed(&entries);
         id
     }
 
@@ -223,9 +258,14 @@ impl Hooks {
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         let at = entries.iter().position(|e| e.id == id)?;
         let removed = entries.remove(at);
-        self.count.store(entries.len(), Ordering::Release);
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.changed(&entries);
         Some(removed.trigger)
+    }
+
+    fn changed(&self, entries: &[Entry]) {
+        self.count.store(entries.len(), Ordering::Release);
+        self.kinds.store(entries.iter().fold(0, |k, e| k | e.trigger.kind_bit()), Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn generation(&self) -> u64 {
@@ -244,7 +284,7 @@ impl Hooks {
 
     /// Whether any hook would be called for `kind`.
     pub fn wants(&self, kind: &EventKind) -> bool {
-        !self.is_empty()
+        self.kinds.load(Ordering::Acquire) & kind.kind_bit() != 0
             && self.entries.read().unwrap_or_else(|p| p.into_inner()).iter().any(|e| kind.matches(&e.trigger))
     }
 
