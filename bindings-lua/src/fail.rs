@@ -26,24 +26,7 @@ impl From<mlua::Error> for Fail {
 
 impl From<Error> for Fail {
     fn from(e: Error) -> Fail {
-        Fail::Core(format!("vmcore.{}: {e}", kind(&e)))
-    }
-}
-
-/// The error kind Lua code sees, the same names as the Python exception classes.
-pub(crate) fn kind(err: &Error) -> &'static str {
-    match err {
-        Error::KvmUnavailable(_) => "KvmUnavailableError",
-        Error::Kvm { .. } => "KvmError",
-        Error::Config(_) | Error::Pattern { .. } => "ConfigError",
-        Error::Load { .. } => "LoadError",
-        Error::Memory(_) => "GuestMemoryError",
-        Error::State(_) => "VmStateError",
-        Error::ConsoleTimeout { .. } => "ConsoleTimeout",
-        Error::ConsoleEnded { .. } => "ConsoleClosed",
-        Error::Io { .. } => "VmIOError",
-        Error::Hook(_) => "HookError",
-        Error::Interrupted => "VmError",
+        Fail::Core(format!("vmcore.{}: {e}", e.kind()))
     }
 }
 

@@ -30,19 +30,7 @@ fn to_py(py: Python<'_>, err: Error) -> PyErr {
         },
         other => other,
     };
-    let class = match &err {
-        Error::KvmUnavailable(_) => "KvmUnavailableError",
-        Error::Kvm { .. } => "KvmError",
-        Error::Config(_) | Error::Pattern { .. } => "ConfigError",
-        Error::Load { .. } => "LoadError",
-        Error::Memory(_) => "GuestMemoryError",
-        Error::State(_) => "VmStateError",
-        Error::ConsoleTimeout { .. } => "ConsoleTimeout",
-        Error::ConsoleEnded { .. } => "ConsoleClosed",
-        Error::Io { .. } => "VmIOError",
-        Error::Interrupted => "VmError",
-        Error::Hook(_) => "HookError",
-    };
+    let class = err.kind();
     let message = err.to_string();
     match py.import("vmcore._errors").and_then(|m| m.getattr(class)) {
         Ok(cls) => match cls.call1((message.clone(),)) {

@@ -53,6 +53,24 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The error's kind, as both bindings name it: the Python exception class and the prefix
+    /// of a Lua error message (`vmcore.<kind>: ...`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::KvmUnavailable(_) => "KvmUnavailableError",
+            Error::Kvm { .. } => "KvmError",
+            Error::Config(_) | Error::Pattern { .. } => "ConfigError",
+            Error::Load { .. } => "LoadError",
+            Error::Memory(_) => "GuestMemoryError",
+            Error::State(_) => "VmStateError",
+            Error::ConsoleTimeout { .. } => "ConsoleTimeout",
+            Error::ConsoleEnded { .. } => "ConsoleClosed",
+            Error::Io { .. } => "VmIOError",
+            Error::Hook(_) => "HookError",
+            Error::Interrupted => "VmError",
+        }
+    }
+
     pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
         move |source| Error::Kvm { op, source }
     }

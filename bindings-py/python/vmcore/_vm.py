@@ -150,6 +150,14 @@ class HookEvent:
         return repr(self._native)
 
 
+ModuleSpec = Union[str, "os.PathLike[str]", Tuple[Union[str, "os.PathLike[str]"], str]]
+
+
+def _module_pairs(modules: Sequence[ModuleSpec]) -> List[Tuple[str, str]]:
+    """Multiboot modules as (path, arguments) pairs: a bare path has no arguments."""
+    return [(os.fspath(m[0]), m[1]) if isinstance(m, tuple) else (os.fspath(m), "") for m in modules]
+
+
 def _supplied_value(answer: Any) -> int:
     if isinstance(answer, bool) or not isinstance(answer, int):
         raise TypeError(f"a read hook returns an int (the value) or None, not {answer!r}")
@@ -341,7 +349,7 @@ class Vm:
         self,
         path: Union[str, "os.PathLike[str]"],
         cmdline: str = "",
-        modules: Sequence[Union[str, "os.PathLike[str]", Tuple[Union[str, "os.PathLike[str]"], str]]] = (),
+        modules: Sequence[ModuleSpec] = (),
     ) -> int:
         """Loads a multiboot v1 kernel the way QEMU's ``-kernel``, ``-append`` and ``-initrd``
         do; returns the entry address. The kernel sees ``"<path> <cmdline>"`` as its command
@@ -349,19 +357,17 @@ class Vm:
         ``"<path> <arguments>"``. Entry is in 32-bit protected mode with EAX=0x2BADB002 and
         EBX pointing at the boot information (memory sizes and map, command line, modules).
         fw_cfg's kernel and command-line items are set too."""
-        pairs = [(os.fspath(m), "") if not isinstance(m, tuple) else (os.fspath(m[0]), m[1]) for m in modules]
-        return self._native.load_multiboot(os.fspath(path), cmdline, pairs)[1]
+        return self._native.load_multiboot(os.fspath(path), cmdline, _module_pairs(modules))[1]
 
     def load_kernel(
         self,
         path: Union[str, "os.PathLike[str]"],
         cmdline: str = "",
-        modules: Sequence[Union[str, "os.PathLike[str]", Tuple[Union[str, "os.PathLike[str]"], str]]] = (),
+        modules: Sequence[ModuleSpec] = (),
     ) -> int:
         """Loads a kernel by what the file is: multiboot (see :meth:`load_multiboot`) or ELF
         (see :meth:`load_elf`; it takes no command line or modules). Returns the entry."""
-        pairs = [(os.fspath(m), "") if not isinstance(m, tuple) else (os.fspath(m[0]), m[1]) for m in modules]
-        return self._native.load_kernel(os.fspath(path), cmdline, pairs)[1]
+        return self._native.load_kernel(os.fspath(path), cmdline, _module_pairs(modules))[1]
 
     def add_fw_cfg_file(self, name: str, data: bytes) -> None:
         """Adds a named file to fw_cfg (QEMU's ``-fw_cfg name=...,file=...``)."""

@@ -25,9 +25,13 @@ pub fn write_bios_area(ram: &GuestRam, cpus: usize) -> Result<()> {
     ram.write(MPTABLE_START, &mp_table(cpus, MPTABLE_START))
 }
 
+/// The 8-bit sum firmware tables are checked with (a valid table sums to zero).
+pub(crate) fn byte_sum(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
+}
+
 fn checksum_fix(bytes: &mut [u8], at: usize) {
-    let sum = bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b));
-    bytes[at] = 0u8.wrapping_sub(sum);
+    bytes[at] = 0u8.wrapping_sub(byte_sum(bytes));
 }
 
 /// The MP floating pointer followed by the configuration table, for placing at `base`.
@@ -87,7 +91,7 @@ mod tests {
     use super::*;
 
     fn sums_to_zero(bytes: &[u8]) -> bool {
-        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+        byte_sum(bytes) == 0
     }
 
     #[test]

@@ -51,9 +51,10 @@ pub fn write_tables(ram: &GuestRam, cpus: usize) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::boot::bios::byte_sum;
 
     fn sums_to_zero(bytes: &[u8]) -> bool {
-        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+        byte_sum(bytes) == 0
     }
 
     #[test]
