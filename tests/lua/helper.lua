@@ -147,11 +147,23 @@ local function count_entries(dir)
 end
 
 --- The number of threads and open file descriptors of this process.
-function helper.resources()
-  return {
-    threads = count_entries("/proc/" .. helper.pid .. "/task"),
-    fds = count_entries("/proc/" .. helper.pid .. "/fd"),
-  }
+function helper.resources(expected)
+  local function now_counted()
+    return {
+      threads = count_entries("/proc/" .. helper.pid .. "/task"),
+      fds = count_entries("/proc/" .. helper.pid .. "/fd"),
+    }
+  end
+  -- A joined thread leaves /proc/<pid>/task a moment after pthread_join returns, so a count
+  -- expected to be back to `expected` gets up to a second to settle.
+  local counted = now_counted()
+  local deadline = require("vmcore").monotonic() + 1
+  while expected and (counted.threads ~= expected.threads or counted.fds ~= expected.fds)
+    and require("vmcore").monotonic() < deadline do
+    os.execute("sleep 0.01")
+    counted = now_counted()
+  end
+  return counted
 end
 
 return helper

@@ -23,7 +23,7 @@ describe("resources", function()
     for _ = 1, 5 do
       run_hello():close()
     end
-    assert.are.same(before, helper.resources())
+    assert.are.same(before, helper.resources(before))
   end)
 
   it("frees a running VM on close", function()
@@ -33,7 +33,7 @@ describe("resources", function()
     vm.console:expect("spinning")
     assert.is_true(helper.resources().threads > before.threads)
     vm:close()
-    assert.are.same(before, helper.resources())
+    assert.are.same(before, helper.resources(before))
   end)
 
   it("closes a <close> variable at the end of its scope", function()
@@ -45,7 +45,7 @@ describe("resources", function()
       console = vm.console
       console:expect("spinning")
     end
-    assert.are.same(before, helper.resources())
+    assert.are.same(before, helper.resources(before))
     assert.matches("^vmcore%.VmStateError: the VM is closed", helper.error_of(function() return console.output end))
   end)
 
@@ -56,6 +56,6 @@ describe("resources", function()
     end
     collectgarbage("collect")
     collectgarbage("collect")
-    assert.are.same(before, helper.resources())
+    assert.are.same(before, helper.resources(before))
   end)
 end)

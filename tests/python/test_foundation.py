@@ -268,6 +268,17 @@ def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def _counts_back_to(expected: tuple, settle: float = 1.0) -> tuple:
+    """Descriptor and thread counts, given up to `settle` seconds to return to `expected`: a
+    joined thread leaves /proc/self/task a moment after pthread_join returns."""
+    deadline = time.monotonic() + settle
+    counts = (_open_fds(), _threads())
+    while counts != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+        counts = (_open_fds(), _threads())
+    return counts
+
+
 def test_no_thread_or_descriptor_leaks(vm_factory, guests):
     cases = [
         ("hello-long.bin", 5, "halted"),
@@ -292,7 +303,7 @@ def test_no_thread_or_descriptor_leaks(vm_factory, guests):
     machine.start()
     del machine
     gc.collect()
-    assert (_open_fds(), _threads()) == (fds, threads)
+    assert _counts_back_to((fds, threads)) == (fds, threads)
 
 
 def test_closed_vm_refuses_calls(vm_factory):
