@@ -20,6 +20,22 @@ use vmcore::{CpuMode, Error, Outcome, Vm, VmBuilder};
 
 const POLL: Duration = Duration::from_millis(100);
 
+static LOG_RESET: std::sync::OnceLock<pyo3_log::ResetHandle> = std::sync::OnceLock::new();
+
+/// Learns the levels Python's logging has now for vmcore's loggers. Call it after changing
+/// them (vmcore caches them so that vCPU threads never take the GIL for a disabled record).
+#[pyfunction]
+fn refresh_logging() {
+    if let Some(handle) = LOG_RESET.get() {
+        handle.reset();
+    }
+    // Records from the calling thread, which can take the GIL cheaply, fill the cache for the
+    // targets vCPU threads log to.
+    for target in ["vmcore::vm", "vmcore::console"] {
+        log::debug!(target: target, "vmcore {} logging levels refreshed", env!("CARGO_PKG_VERSION"));
+    }
+}
+
 /// Raises the `vmcore` exception class that matches a core error.
 fn to_py(py: Python<'_>, err: Error) -> PyErr {
     // A hook's own exception is raised as it is, traceback included.
@@ -153,7 +169,7 @@ impl NativeVm {
         let tee = tee.map(|p| Tee::parse(&p.to_string_lossy()));
         let precise = precise.parse().py_err(py)?;
         let builder = VmBuilder::new().memory(bytes).vcpus(vcpus).tee(tee).precise_mode(precise);
-        let vm = py.detach(move || builder.build()).py_err(py)?;
+        let vm = builder.build().py_err(py)?;
         Ok(NativeVm { vm: Mutex::new(Some(Arc::new(vm))) })
     }
 
@@ -423,13 +439,18 @@ fn parse_memory_size(py: Python<'_>, text: &str) -> PyResult<u64> {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // The core's `log` records go to Python's logging, under "vmcore.<module>" loggers. vmcore
-    // logs only rare events, so levels are asked of Python each time rather than cached, and
-    // logging configured after the import is honoured. Another extension may have installed
-    // a logger already; then records go there.
-    if let Ok(logger) = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Nothing) {
-        let _ = logger.install();
+    // The core's `log` records go to Python's logging, under "vmcore.<module>" loggers. Levels
+    // are cached, so a disabled record costs a vCPU thread nothing (no GIL); they are learned
+    // here, on the importing thread, and again by refresh_logging() after logging is
+    // reconfigured. Another extension may have installed a logger already; then records go
+    // there.
+    if let Ok(logger) = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels) {
+        let handle = logger.reset_handle();
+        if logger.install().is_ok() {
+            let _ = LOG_RESET.set(handle);
+        }
     }
+    refresh_logging();
     m.add_class::<NativeVm>()?;
     m.add_class::<hooks::HookEvent>()?;
     m.add_function(wrap_pyfunction!(parse_memory_size, m)?)?;
@@ -437,6 +458,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(paging32_works, m)?)?;
     m.add_function(wrap_pyfunction!(host_info, m)?)?;
     m.add_function(wrap_pyfunction!(image_kind, m)?)?;
+    m.add_function(wrap_pyfunction!(refresh_logging, m)?)?;
     m.add("REGISTER_NAMES", vmcore::cpu::REGISTER_NAMES.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -353,6 +353,7 @@ def test_core_log_records_reach_python_logging(vm, guests, caplog):
     import logging
 
     with caplog.at_level(logging.DEBUG, logger="vmcore"):
+        vmcore.refresh_logging()  # vmcore caches levels; this one changed after the import
         vm.load_flat(guests.bytes("debug-exit.bin"))
         vm.run(timeout=5)
     ended = [r for r in caplog.records if r.name.startswith("vmcore") and "run ended: debug_exit" in r.getMessage()]

@@ -9,6 +9,9 @@ Boot a small guest or a kernel on KVM, watch its console, read its registers and
         outcome = vm.run(timeout=5)
         assert outcome.reason == "halted"
         vm.console.expect(r"hello")
+
+Log records from the core go to the ``vmcore`` loggers of Python's ``logging``. vmcore caches
+their levels: after changing them, call :func:`refresh_logging`.
 """
 
 from ._errors import (
@@ -25,7 +28,7 @@ from ._errors import (
     VmIOError,
     VmStateError,
 )
-from ._native import __version__, parse_memory_size
+from ._native import __version__, parse_memory_size, refresh_logging
 from ._vm import REGISTER_NAMES, Console, ConsoleMatch, HookEvent, Mode, Outcome, Registers, Vcpu, Vm
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "Mode",
     "REGISTER_NAMES",
     "parse_memory_size",
+    "refresh_logging",
     "VmError",
     "KvmUnavailableError",
     "KvmError",

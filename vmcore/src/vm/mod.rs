@@ -477,6 +477,9 @@ impl Vm {
         st.phase = Phase::Running;
         st.end = None;
         st.alive = self.machine.vcpus.len();
+        // Logged from the starting thread, before any vCPU runs: a logger that caches levels
+        // (pyo3-log) learns them here, so the vCPU threads' records cost nothing when disabled.
+        log::debug!("starting a run of {} vCPU(s)", self.machine.vcpus.len());
         self.machine.stop.store(false, Ordering::Release);
         self.machine.console.set_live(true, "running");
         drop(st);
