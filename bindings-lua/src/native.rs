@@ -147,9 +147,12 @@ impl NativeVm {
     }
 }
 
+/// A kernel's path, command line, and modules as (path, arguments) pairs.
+type KernelArgs = (PathBuf, String, Vec<(PathBuf, String)>);
+
 /// A kernel path and its options: the command line and the modules, each a path or a
 /// `{path, args}` pair.
-fn kernel_args(path: &Value, opts: &Value, what: &str) -> Res<(PathBuf, String, Vec<(PathBuf, String)>)> {
+fn kernel_args(path: &Value, opts: &Value, what: &str) -> Res<KernelArgs> {
     let path = args::path(path, "path")?;
     let opts = args::options(opts, &format!("{what} options"), &["cmdline", "modules"])?;
     let (mut cmdline, mut modules) = (String::new(), Vec::new());

@@ -22,7 +22,7 @@ pub fn load_flat(ram: &GuestRam, code: &[u8], address: u64, mode: CpuMode) -> Re
         ));
     }
     match mode {
-        CpuMode::Real if address % 16 != 0 => {
+        CpuMode::Real if !address.is_multiple_of(16) => {
             return Err(Error::load(what, format!("real-mode load address {address:#x} is not 16-byte aligned")));
         }
         CpuMode::Real if address + code.len() as u64 > 1 << 32 => {

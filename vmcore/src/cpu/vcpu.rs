@@ -500,11 +500,9 @@ impl Vcpu {
                 let [a, b, c, d] = event.cpuid.unwrap_or_else(|| vcpu.cpuid_answer(*leaf, *subleaf));
                 (now.regs.rax, now.regs.rbx, now.regs.rcx, now.regs.rdx) = (a.into(), b.into(), c.into(), d.into());
             }
-            (Intercept::CrWrite { cr, .. }, _) => {
-                if !event.is_vetoed() {
-                    precise::set_cr(&mut now, cr, event.value.unwrap_or_default());
-                    sregs_changed = true;
-                }
+            (Intercept::CrWrite { cr, .. }, _) if !event.is_vetoed() => {
+                precise::set_cr(&mut now, cr, event.value.unwrap_or_default());
+                sregs_changed = true;
             }
             (Intercept::CrRead { cr, dst }, _) => {
                 let value = event.value.unwrap_or_else(|| precise::cr_value(&now, cr));

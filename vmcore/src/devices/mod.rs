@@ -104,7 +104,7 @@ impl IrqLine {
     pub fn new() -> Result<IrqLine> {
         EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map(IrqLine)
-            .map_err(|e| Error::Io { context: "cannot create an interrupt eventfd".into(), source: e.into() })
+            .map_err(|e| Error::Io { context: "cannot create an interrupt eventfd".into(), source: e })
     }
 
     pub fn eventfd(&self) -> &EventFd {

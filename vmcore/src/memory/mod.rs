@@ -22,7 +22,7 @@ pub struct GuestRam {
 impl GuestRam {
     /// Maps `size` bytes of anonymous, unpopulated memory.
     pub fn new(size: u64) -> Result<Self> {
-        if size < MIN_RAM || size % 4096 != 0 {
+        if size < MIN_RAM || !size.is_multiple_of(4096) {
             return Err(Error::Config(format!(
                 "memory must be a multiple of 4 KiB and at least {} MiB, got {size} bytes",
                 MIN_RAM >> 20

@@ -228,7 +228,7 @@ mod tests {
     fn four_level_with_4k_and_1g_pages() {
         let ram = ram();
         // PML4 at 0x10000 -> PDPT 0x11000 -> PD 0x12000 -> PT 0x13000; vaddr 0xffff_8000_0020_3000
-        let vaddr: u64 = 0xFFFF_8000_0020_3abc;
+        let vaddr: u64 = 0xFFFF_8000_0020_3ABC;
         let (l4, l3, l2, l1) = ((vaddr >> 39) & 0x1FF, (vaddr >> 30) & 0x1FF, (vaddr >> 21) & 0x1FF, (vaddr >> 12) & 0x1FF);
         ram.write_u64(0x10000 + l4 * 8, 0x11000 | P).unwrap();
         ram.write_u64(0x11000 + l3 * 8, 0x12000 | P).unwrap();
