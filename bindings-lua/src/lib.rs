@@ -23,17 +23,18 @@ use mlua::{Lua, Table};
 
 /// The Lua side of the module, run once by `require("vmcore")` with the native table.
 const FACADE: &str = include_str!("vmcore.lua");
-/// `vmcore.testing`, helpers for busted specs; `require("vmcore")` makes it requirable.
+/// `vmcore.testing`, helpers for busted specs.
 const TESTING: &str = include_str!("testing.lua");
 
 #[mlua::lua_module]
 fn vmcore(lua: &Lua) -> mlua::Result<Table> {
     let native = native::module(lua)?;
-    let module: Table = lua.load(FACADE).set_name("=vmcore.lua").call(native)?;
-    let preload: Table = lua.globals().get::<Table>("package")?.get("preload")?;
-    preload.set(
-        "vmcore.testing",
-        lua.create_function(|lua, ()| lua.load(TESTING).set_name("=vmcore/testing.lua").call::<Table>(()))?,
-    )?;
-    Ok(module)
+    lua.load(FACADE).set_name("=vmcore.lua").call(native)
+}
+
+/// `require("vmcore.testing")`: Lua's all-in-one loader finds `luaopen_vmcore_testing` in the
+/// same library as `vmcore`.
+#[mlua::lua_module(name = "vmcore_testing")]
+fn vmcore_testing(lua: &Lua) -> mlua::Result<Table> {
+    lua.load(TESTING).set_name("=vmcore/testing.lua").call(())
 }
