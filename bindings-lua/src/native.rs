@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mlua::{Lua, MultiValue, Table, UserData, UserDataMethods, Value};
+use vmcore::boot::LinuxProtocol;
 use vmcore::console::Tee;
 use vmcore::memory::parse_size;
 use vmcore::{CpuMode, Error, Vm, VmBuilder};
@@ -132,6 +133,47 @@ impl NativeVm {
         Ok(int(entry.address))
     }
 
+    /// Loads a Linux kernel: `opts` may give `initrd`, `cmdline` (default "console=ttyS0"),
+    /// `protocol` ("auto", "linux64", "pvh") and `decompress` (default true). Returns what was
+    /// booted as a table.
+    fn load_linux(&self, lua: &Lua, kernel: &Value, opts: &Value) -> Res<Table> {
+        let kernel = args::path(kernel, "kernel")?;
+        let opts = args::options(opts, "load_linux options", &["initrd", "cmdline", "protocol", "decompress"])?;
+        let (mut initrd, mut cmdline, mut protocol, mut decompress) = (None, "console=ttyS0".to_string(), LinuxProtocol::Auto, true);
+        if let Some(t) = opts {
+            match t.raw_get::<Value>("initrd")? {
+                Value::Nil => {}
+                v => initrd = Some(args::path(&v, "initrd")?),
+            }
+            match t.raw_get::<Value>("cmdline")? {
+                Value::Nil => {}
+                v => cmdline = args::text(&v, "cmdline")?,
+            }
+            match t.raw_get::<Value>("protocol")? {
+                Value::Nil => {}
+                v => protocol = core(args::text(&v, "protocol")?.parse())?,
+            }
+            match t.raw_get::<Value>("decompress")? {
+                Value::Nil => {}
+                Value::Boolean(b) => decompress = b,
+                v => return Err(bad(format!("decompress must be a boolean, got {}", describe(&v)))),
+            }
+        }
+        self.pump.refuse_in_static_cpuid("load an image")?;
+        let k = core(self.get()?.load_linux(&kernel, initrd.as_deref(), &cmdline, protocol, decompress))?;
+        let t = lua.create_table()?;
+        t.raw_set("format", k.format)?;
+        t.raw_set("version", k.version)?;
+        t.raw_set("compression", k.compression.map(|c| c.as_str()))?;
+        t.raw_set("protocol", k.protocol.as_str())?;
+        t.raw_set("entry", int(k.image.entry.address))?;
+        t.raw_set("kernel", lua.create_sequence_from([int(k.kernel.0), int(k.kernel.1)])?)?;
+        if let Some((at, len)) = k.initrd {
+            t.raw_set("initrd", lua.create_sequence_from([int(at), int(len)])?)?;
+        }
+        Ok(t)
+    }
+
     fn add_fw_cfg_file(&self, name: &Value, data: &Value) -> Res<()> {
         let (name, data) = (args::text(name, "name")?, args::bytes(data, "data")?);
         core(self.get()?.add_fw_cfg_file(&name, data))
@@ -211,6 +253,7 @@ impl UserData for NativeVm {
         method(m, "load_elf", |_, this, path: Value| this.load_elf(&path));
         method(m, "load_multiboot", |_, this, (path, opts): (Value, Value)| this.load_multiboot(&path, &opts));
         method(m, "load_kernel", |_, this, (path, opts): (Value, Value)| this.load_kernel(&path, &opts));
+        method(m, "load_linux", |lua, this, (kernel, opts): (Value, Value)| this.load_linux(lua, &kernel, &opts));
         method(m, "add_fw_cfg_file", |_, this, (name, data): (Value, Value)| this.add_fw_cfg_file(&name, &data));
 
         // A hook that raised ends the run with "hook_error"; run and wait raise its message

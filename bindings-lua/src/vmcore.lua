@@ -225,7 +225,7 @@ end
 
 -- Methods whose results need no shaping.
 for _, name in ipairs({
-  "load_flat", "load_elf", "load_multiboot", "load_kernel", "add_fw_cfg_file",
+  "load_flat", "load_elf", "load_multiboot", "load_kernel", "load_linux", "add_fw_cfg_file",
   "read_phys", "write_phys", "read_virt", "write_virt",
   "translate", "stats", "close", "cpuid_ignored",
 }) do

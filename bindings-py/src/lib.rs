@@ -222,6 +222,30 @@ impl NativeVm {
         Ok((entry.mode.to_string(), entry.address))
     }
 
+    /// Loads a Linux kernel; returns what was booted as a dict for `vmcore.LinuxKernel`.
+    #[pyo3(signature = (kernel, initrd, cmdline, protocol, decompress))]
+    fn load_linux<'py>(
+        &self,
+        py: Python<'py>,
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: &str,
+        protocol: &str,
+        decompress: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let protocol = protocol.parse().py_err(py)?;
+        let k = self.get()?.load_linux(&kernel, initrd.as_deref(), cmdline, protocol, decompress).py_err(py)?;
+        let d = PyDict::new(py);
+        d.set_item("format", k.format)?;
+        d.set_item("version", k.version)?;
+        d.set_item("compression", k.compression.map(|c| c.as_str()))?;
+        d.set_item("protocol", k.protocol.as_str())?;
+        d.set_item("entry", k.image.entry.address)?;
+        d.set_item("kernel", k.kernel)?;
+        d.set_item("initrd", k.initrd)?;
+        Ok(d)
+    }
+
     fn add_fw_cfg_file(&self, py: Python<'_>, name: &str, data: Vec<u8>) -> PyResult<()> {
         self.get()?.add_fw_cfg_file(name, data).py_err(py)
     }

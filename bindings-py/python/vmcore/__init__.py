@@ -29,7 +29,7 @@ from ._errors import (
     VmStateError,
 )
 from ._native import __version__, parse_memory_size, refresh_logging
-from ._vm import REGISTER_NAMES, Console, ConsoleMatch, HookEvent, Mode, Outcome, Registers, Vcpu, Vm
+from ._vm import REGISTER_NAMES, Console, ConsoleMatch, HookEvent, LinuxKernel, LinuxProtocol, Mode, Outcome, Registers, Vcpu, Vm
 
 __all__ = [
     "Vm",
@@ -41,6 +41,8 @@ __all__ = [
     "HookEvent",
     "HookError",
     "Mode",
+    "LinuxKernel",
+    "LinuxProtocol",
     "REGISTER_NAMES",
     "parse_memory_size",
     "refresh_logging",

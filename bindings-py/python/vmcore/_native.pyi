@@ -71,6 +71,14 @@ class NativeVm:
     def load_multiboot(
         self, path: Union[str, PathLike[str]], cmdline: str, modules: Sequence[Tuple[Union[str, PathLike[str]], str]]
     ) -> Tuple[str, int]: ...
+    def load_linux(
+        self,
+        kernel: Union[str, PathLike[str]],
+        initrd: Optional[Union[str, PathLike[str]]],
+        cmdline: str,
+        protocol: str,
+        decompress: bool,
+    ) -> Dict[str, Any]: ...
     def add_fw_cfg_file(self, name: str, data: bytes) -> None: ...
     def load_kernel(
         self, path: Union[str, PathLike[str]], cmdline: str, modules: Sequence[Tuple[Union[str, PathLike[str]], str]]

@@ -57,6 +57,28 @@ class Outcome:
         return cls(**d)
 
 
+LinuxProtocol = Literal["auto", "linux64", "pvh"]
+
+
+@dataclass(frozen=True)
+class LinuxKernel:
+    """What :meth:`Vm.load_linux` put in guest memory."""
+
+    format: str
+    """``"bzImage"`` or ``"vmlinux"``."""
+    version: Optional[str]
+    """The version string a bzImage header carries."""
+    compression: Optional[str]
+    """The bzImage payload's compression when it was decompressed on the host."""
+    protocol: str
+    """How the kernel is entered: ``"pvh"`` or ``"linux64"``."""
+    entry: int
+    kernel: Tuple[int, int]
+    """Guest-physical start and end of the kernel."""
+    initrd: Optional[Tuple[int, int]]
+    """Guest-physical address and size of the initrd."""
+
+
 @dataclass(frozen=True)
 class ConsoleMatch:
     """What :meth:`Console.expect` found. Offsets index the whole console output."""
@@ -365,9 +387,35 @@ class Vm:
         cmdline: str = "",
         modules: Sequence[ModuleSpec] = (),
     ) -> int:
-        """Loads a kernel by what the file is: multiboot (see :meth:`load_multiboot`) or ELF
-        (see :meth:`load_elf`; it takes no command line or modules). Returns the entry."""
+        """Loads a kernel by what the file is: multiboot (see :meth:`load_multiboot`), Linux
+        (see :meth:`load_linux`; at most one module, its initrd) or ELF (see :meth:`load_elf`;
+        it takes no command line or modules). Returns the entry."""
         return self._native.load_kernel(os.fspath(path), cmdline, _module_pairs(modules))[1]
+
+    def load_linux(
+        self,
+        kernel: Union[str, "os.PathLike[str]"],
+        initrd: Optional[Union[str, "os.PathLike[str]"]] = None,
+        cmdline: str = "console=ttyS0",
+        *,
+        protocol: LinuxProtocol = "auto",
+        decompress: bool = True,
+    ) -> LinuxKernel:
+        """Loads a Linux kernel, a bzImage or an ELF ``vmlinux``, with its initrd and command line.
+
+        By default (``decompress=True``) a bzImage's payload (gzip, xz, lz4 or zstd) is
+        decompressed on the host and the kernel proper is entered directly; with
+        ``decompress=False`` the guest runs the bzImage's own decompressor, which takes minutes
+        on hosts that emulate guest kernel code. ``protocol="auto"`` enters through PVH when the
+        kernel carries a PVH note and through the 64-bit boot protocol otherwise; ``"pvh"`` and
+        ``"linux64"`` insist on one. The memory map, ACPI tables and command line are what a PC
+        firmware and boot loader would hand over. Raises :class:`~vmcore.LoadError` for a file
+        that is not a Linux kernel, is truncated, or does not fit in the VM's memory.
+        """
+        info = self._native.load_linux(
+            os.fspath(kernel), None if initrd is None else os.fspath(initrd), cmdline, protocol, decompress
+        )
+        return LinuxKernel(**info)
 
     def add_fw_cfg_file(self, name: str, data: bytes) -> None:
         """Adds a named file to fw_cfg (QEMU's ``-fw_cfg name=...,file=...``)."""

@@ -7,7 +7,8 @@ use crate::{Error, Result};
 
 /// Loads an ELF32 or ELF64 executable by its PT_LOAD program headers at their physical
 /// addresses, zeroes BSS, and enters it at `e_entry`: ELF32 in protected mode, ELF64 in long
-/// mode. A virtual entry address is translated through the segment that contains it.
+/// mode. A virtual entry address is translated through the segment that contains it; one that
+/// is no segment's virtual address but lies in one's physical range is taken as physical.
 pub fn load_elf(ram: &GuestRam, image: &[u8], name: &str) -> Result<LoadedImage> {
     load_segments(ram, image, name).map(|(loaded, _)| loaded)
 }
@@ -67,6 +68,8 @@ pub(super) fn load_segments(ram: &GuestRam, image: &[u8], name: &str) -> Result<
         .iter()
         .find(|ph| entry >= ph.p_vaddr && entry - ph.p_vaddr < ph.p_memsz)
         .map(|ph| entry - ph.p_vaddr + ph.p_paddr)
+        // Linux's vmlinux is entered at a physical address (phys_startup_64).
+        .or_else(|| loads.iter().any(|ph| entry >= ph.p_paddr && entry - ph.p_paddr < ph.p_memsz).then_some(entry))
         .ok_or_else(|| fail(format!("entry point {entry:#x} is outside every PT_LOAD segment")))?;
     for ph in &loads {
         let file = &image[ph.p_offset as usize..(ph.p_offset + ph.p_filesz) as usize];

@@ -4,10 +4,12 @@
 pub mod bios;
 mod elf;
 mod flat;
+pub mod linux;
 pub mod multiboot;
 
 pub use elf::load_elf;
 pub use flat::load_flat;
+pub use linux::{load_linux, LinuxKernel, LinuxOptions, LinuxProtocol};
 pub use multiboot::{load_multiboot, Module};
 
 use std::fmt;
@@ -63,9 +65,11 @@ pub struct EntryPoint {
     pub mode: CpuMode,
     /// Guest-physical address of the first instruction.
     pub address: u64,
-    /// What a boot protocol hands over in RAX and RBX (multiboot: magic and information).
+    /// What a boot protocol hands over in RAX, RBX and RSI (multiboot: magic and information;
+    /// PVH: start info in RBX; Linux's 64-bit protocol: the zero page in RSI).
     pub rax: u64,
     pub rbx: u64,
+    pub rsi: u64,
 }
 
 /// What kind of kernel image a file is, by its contents.
@@ -76,6 +80,9 @@ pub enum ImageKind {
     Elf,
     /// A Linux bzImage (the "HdrS" boot-protocol signature).
     LinuxBzImage,
+    /// An x86-64 Linux vmlinux: an ELF64 executable linked at the kernel's virtual base and
+    /// entered at a physical address.
+    LinuxVmlinux,
     Unknown,
 }
 
@@ -84,7 +91,11 @@ impl ImageKind {
         if multiboot::has_header(image) {
             ImageKind::Multiboot
         } else if image.starts_with(b"\x7fELF") {
-            ImageKind::Elf
+            if linux::is_vmlinux(image) {
+                ImageKind::LinuxVmlinux
+            } else {
+                ImageKind::Elf
+            }
         } else if image.get(0x202..0x206) == Some(b"HdrS") {
             ImageKind::LinuxBzImage
         } else {
@@ -97,6 +108,7 @@ impl ImageKind {
             ImageKind::Multiboot => "multiboot",
             ImageKind::Elf => "elf",
             ImageKind::LinuxBzImage => "linux-bzimage",
+            ImageKind::LinuxVmlinux => "linux-vmlinux",
             ImageKind::Unknown => "unknown",
         }
     }

@@ -191,7 +191,7 @@ pub fn load_multiboot(ram: &GuestRam, image: &[u8], name: &str, cmdline: &str, m
     ram.write(STRINGS_AT, &strings)?;
 
     Ok(LoadedImage {
-        entry: EntryPoint { mode: CpuMode::Protected, address: entry, rax: BOOTLOADER_MAGIC.into(), rbx: INFO_START },
+        entry: EntryPoint { mode: CpuMode::Protected, address: entry, rax: BOOTLOADER_MAGIC.into(), rbx: INFO_START, rsi: 0 },
         code,
     })
 }
@@ -223,7 +223,7 @@ mod tests {
         ram.write(0x10_0021, &[0x55; 16]).unwrap(); // stale memory where BSS will be
         let modules = [Module { data: b"module-one".to_vec(), cmdline: "one arg".into() }];
         let loaded = load_multiboot(&ram, &aout_kernel(), "/boot/k.bin", "quiet", &modules).unwrap();
-        assert_eq!(loaded.entry, EntryPoint { mode: CpuMode::Protected, address: 0x10_0020, rax: 0x2BAD_B002, rbx: INFO_START });
+        assert_eq!(loaded.entry, EntryPoint { mode: CpuMode::Protected, address: 0x10_0020, rax: 0x2BAD_B002, rbx: INFO_START, rsi: 0 });
         let mut b = [0u8; 2];
         ram.read(0x10_0020, &mut b).unwrap();
         assert_eq!(b, [0xF4, 0], "the image ends at load_end_addr and BSS is zeroed");

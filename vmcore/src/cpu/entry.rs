@@ -92,6 +92,7 @@ pub fn boot_state(ram: &GuestRam, entry: &EntryPoint, mut sregs: kvm_sregs) -> R
             regs.rsp = SCRATCH_END;
             regs.rax = entry.rax;
             regs.rbx = entry.rbx;
+            regs.rsi = entry.rsi;
         }
     }
     Ok((regs, sregs))

@@ -21,7 +21,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 
-use crate::boot::{self, bios, CodeRange, CpuMode, EntryPoint, LoadedImage, Module};
+use crate::boot::{self, bios, CodeRange, CpuMode, EntryPoint, LinuxKernel, LinuxOptions, LinuxProtocol, LoadedImage, Module};
 use crate::console::{Console, Tee};
 use crate::cpu::precise::Intercept;
 use crate::cpu::sites::Sites;
@@ -355,27 +355,72 @@ impl Vm {
         self.load_multiboot_bytes(&read_file(path)?, &path.display().to_string(), cmdline, &read_modules(modules)?)
     }
 
-    /// Loads a kernel by what it is: multiboot (with `cmdline` and `modules`) or plain ELF
-    /// (which takes neither). Linux images come with the Linux loader.
+    /// Loads a kernel by what it is: multiboot (with `cmdline` and `modules`), Linux (with
+    /// `cmdline` and at most one module, its initrd) or plain ELF (which takes neither).
     pub fn load_kernel(&self, path: &Path, cmdline: &str, modules: &[(PathBuf, String)]) -> Result<EntryPoint> {
         let image = read_file(path)?;
         let name = path.display().to_string();
         match boot::ImageKind::detect(&image) {
             boot::ImageKind::Multiboot => self.load_multiboot_bytes(&image, &name, cmdline, &read_modules(modules)?),
+            boot::ImageKind::LinuxBzImage | boot::ImageKind::LinuxVmlinux => {
+                let initrd = match modules {
+                    [] => None,
+                    [(path, args)] if args.is_empty() => Some(read_file(path)?),
+                    _ => return Err(Error::load(format!("Linux kernel {name}"), "Linux takes one initrd and no module arguments")),
+                };
+                let opts = LinuxOptions { cmdline, initrd: initrd.as_deref(), ..Default::default() };
+                self.load_linux_bytes(&image, &name, &opts).map(|k| k.image.entry)
+            }
             boot::ImageKind::Elf if cmdline.is_empty() && modules.is_empty() => self.load_elf_bytes(&image, &name),
             boot::ImageKind::Elf => Err(Error::load(
                 format!("ELF kernel {name}"),
                 "it has no multiboot header, so it cannot take a command line or modules",
-            )),
-            boot::ImageKind::LinuxBzImage => Err(Error::load(
-                format!("kernel {name}"),
-                "it is a Linux bzImage; vmcore does not boot Linux images yet",
             )),
             boot::ImageKind::Unknown => Err(Error::load(
                 format!("kernel {name}"),
                 "it is neither a multiboot kernel, an ELF executable nor a Linux image (for a flat binary, say its mode)",
             )),
         }
+    }
+
+    /// Loads a Linux kernel (bzImage or ELF vmlinux) with its command line and initrd; `name`
+    /// appears in errors.
+    pub fn load_linux_bytes(&self, image: &[u8], name: &str, opts: &LinuxOptions<'_>) -> Result<LinuxKernel> {
+        let mut kernel = None;
+        self.load_with(|ram| {
+            let loaded = boot::load_linux(ram, image, name, opts)?;
+            let image = loaded.image.clone();
+            kernel = Some(loaded);
+            Ok(image)
+        })?;
+        let kernel = kernel.expect("load_with ran the loader");
+        lock(&self.machine.fw_cfg).set_kernel(image, opts.cmdline);
+        log::info!(
+            "loaded Linux {} {} from {name} ({}) at {:#x}-{:#x}, entered with {}{}",
+            kernel.format,
+            kernel.version.as_deref().unwrap_or(""),
+            kernel.compression.map_or("decompressed in the guest".to_string(), |c| format!("{} payload decompressed on the host", c.as_str())),
+            kernel.kernel.0,
+            kernel.kernel.1,
+            kernel.protocol.as_str(),
+            kernel.initrd.map_or(String::new(), |(at, len)| format!(", initrd {len} bytes at {at:#x}")),
+        );
+        Ok(kernel)
+    }
+
+    /// [`Vm::load_linux_bytes`] from files.
+    pub fn load_linux(
+        &self,
+        kernel: &Path,
+        initrd: Option<&Path>,
+        cmdline: &str,
+        protocol: LinuxProtocol,
+        decompress_on_host: bool,
+    ) -> Result<LinuxKernel> {
+        let image = read_file(kernel)?;
+        let initrd = initrd.map(read_file).transpose()?;
+        let opts = LinuxOptions { cmdline, initrd: initrd.as_deref(), protocol, decompress_on_host };
+        self.load_linux_bytes(&image, &kernel.display().to_string(), &opts)
     }
 
     /// Adds a named file to fw_cfg (like QEMU's `-fw_cfg name=...`).

@@ -1,0 +1,216 @@
+//! A bzImage's compressed payload, decompressed on the host so the guest starts in the kernel
+//! proper. On hosts that emulate guest kernel code the kernel's own decompressor takes minutes;
+//! here it takes well under a second.
+//!
+//! The payload (`vmlinux.bin` plus relocations, compressed) sits at `payload_offset` into the
+//! protected-mode code; the kernel build appends its decompressed size as four bytes after
+//! formats that do not record it themselves.
+
+use std::io::Read;
+
+/// The compression a payload starts with, by its magic bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    Gzip,
+    Xz,
+    Lz4,
+    Zstd,
+    Bzip2,
+    Lzma,
+    Lzo,
+    /// Not compressed: the payload is the ELF itself.
+    None,
+}
+
+impl Compression {
+    pub fn detect(payload: &[u8]) -> Option<Compression> {
+        const MAGICS: &[(&[u8], Compression)] = &[
+            (&[0x1F, 0x8B], Compression::Gzip),
+            (&[0xFD, b'7', b'z', b'X', b'Z', 0x00], Compression::Xz),
+            (&[0x02, 0x21, 0x4C, 0x18], Compression::Lz4),
+            (&[0x28, 0xB5, 0x2F, 0xFD], Compression::Zstd),
+            (b"BZh", Compression::Bzip2),
+            (&[0x5D, 0x00, 0x00], Compression::Lzma),
+            (&[0x89, b'L', b'Z', b'O'], Compression::Lzo),
+            (b"\x7fELF", Compression::None),
+        ];
+        MAGICS
+            .iter()
+            .find(|(magic, _)| payload.starts_with(magic))
+            .map(|&(_, c)| c)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::Gzip => "gzip",
+            Compression::Xz => "xz",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+            Compression::Bzip2 => "bzip2",
+            Compression::Lzma => "lzma",
+            Compression::Lzo => "lzo",
+            Compression::None => "none",
+        }
+    }
+}
+
+/// Why a payload could not be decompressed.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error("its payload's compression is not recognised (first bytes {0:02x?})")]
+    Unknown(Vec<u8>),
+    #[error("its payload is {0}-compressed, which vmcore cannot decompress on the host; boot it with decompression in the guest")]
+    Unsupported(&'static str),
+    #[error("its {format} payload is corrupt: {reason}")]
+    Corrupt {
+        format: &'static str,
+        reason: String,
+    },
+}
+
+/// The legacy LZ4 frame `lz4 -l` writes: the magic, then blocks of at most 8 MiB, each behind
+/// its compressed length.
+const LZ4_LEGACY_MAGIC: u32 = 0x184C_2102;
+const LZ4_LEGACY_BLOCK: usize = 8 << 20;
+
+/// The most a decompressed kernel may be: far above any real vmlinux, it stops a hostile
+/// image from ballooning the host's memory.
+const MAX_DECOMPRESSED: u64 = 1 << 30;
+
+/// Decompresses a bzImage payload into the kernel's ELF image.
+pub fn decompress(payload: &[u8]) -> Result<(Compression, Vec<u8>), PayloadError> {
+    let format = Compression::detect(payload)
+        .ok_or_else(|| PayloadError::Unknown(payload[..payload.len().min(8)].to_vec()))?;
+    let corrupt = |reason: String| PayloadError::Corrupt {
+        format: format.as_str(),
+        reason,
+    };
+    let read_all = |reader: &mut dyn Read| -> Result<Vec<u8>, PayloadError> {
+        let mut out = Vec::new();
+        reader
+            .take(MAX_DECOMPRESSED)
+            .read_to_end(&mut out)
+            .map_err(|e| corrupt(e.to_string()))?;
+        Ok(out)
+    };
+    let elf = match format {
+        Compression::None => payload.to_vec(),
+        Compression::Gzip => read_all(&mut flate2::read::GzDecoder::new(payload))?,
+        Compression::Xz => read_all(&mut liblzma::read::XzDecoder::new(payload))?,
+        Compression::Zstd => {
+            let mut decoder = ruzstd::decoding::StreamingDecoder::new(payload)
+                .map_err(|e| corrupt(e.to_string()))?;
+            read_all(&mut decoder)?
+        }
+        Compression::Lz4 => lz4_legacy(payload).map_err(corrupt)?,
+        Compression::Bzip2 | Compression::Lzma | Compression::Lzo => {
+            return Err(PayloadError::Unsupported(format.as_str()))
+        }
+    };
+    if !elf.starts_with(b"\x7fELF") {
+        return Err(corrupt("it does not decompress to an ELF image".into()));
+    }
+    Ok((format, elf))
+}
+
+fn lz4_legacy(payload: &[u8]) -> Result<Vec<u8>, String> {
+    let word = |at: usize| {
+        payload
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let mut at = 4;
+    let mut out = Vec::new();
+    while let Some(len) = word(at) {
+        at += 4;
+        if len == LZ4_LEGACY_MAGIC {
+            continue; // concatenated frames
+        }
+        let Some(block) = payload.get(at..at + len as usize) else {
+            // What follows the last block is the size the kernel build appended.
+            break;
+        };
+        let data = lz4_flex::block::decompress(block, LZ4_LEGACY_BLOCK)
+            .map_err(|e| format!("block at byte {}: {e}", at - 4))?;
+        out.extend_from_slice(&data);
+        if out.len() as u64 > MAX_DECOMPRESSED {
+            return Err("it decompresses to more than 1 GiB".into());
+        }
+        at += len as usize;
+    }
+    if out.is_empty() {
+        return Err("it holds no blocks".into());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn fake_elf() -> Vec<u8> {
+        let mut elf = b"\x7fELF".to_vec();
+        elf.extend((0..5000u32).map(|i| (i % 251) as u8));
+        elf
+    }
+
+    #[test]
+    fn gzip_xz_and_zstd_payloads_decompress() {
+        let elf = fake_elf();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&elf).unwrap();
+        let gz = gz.finish().unwrap();
+        assert_eq!(decompress(&gz).unwrap(), (Compression::Gzip, elf.clone()));
+
+        let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 6);
+        xz.write_all(&elf).unwrap();
+        let mut xz = xz.finish().unwrap();
+        xz.extend_from_slice(&(elf.len() as u32).to_le_bytes()); // what the kernel build appends
+        assert_eq!(decompress(&xz).unwrap(), (Compression::Xz, elf.clone()));
+
+        let mut zst = ruzstd::encoding::compress_to_vec(
+            &elf[..],
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
+        zst.extend_from_slice(&(elf.len() as u32).to_le_bytes());
+        assert_eq!(decompress(&zst).unwrap(), (Compression::Zstd, elf));
+    }
+
+    #[test]
+    fn lz4_legacy_frames_decompress_and_ignore_the_appended_size() {
+        let elf = fake_elf();
+        let block = lz4_flex::block::compress(&elf);
+        let mut payload = LZ4_LEGACY_MAGIC.to_le_bytes().to_vec();
+        for _ in 0..2 {
+            payload.extend_from_slice(&(block.len() as u32).to_le_bytes());
+            payload.extend_from_slice(&block);
+        }
+        payload.extend_from_slice(&(2 * elf.len() as u32).to_le_bytes());
+        let (format, out) = decompress(&payload).unwrap();
+        assert_eq!(format, Compression::Lz4);
+        assert_eq!(out, [elf.clone(), elf].concat());
+    }
+
+    #[test]
+    fn unknown_corrupt_and_unsupported_payloads_are_named() {
+        assert!(matches!(
+            decompress(b"nonsense"),
+            Err(PayloadError::Unknown(_))
+        ));
+        assert!(matches!(
+            decompress(b"BZh91AY&SY"),
+            Err(PayloadError::Unsupported("bzip2"))
+        ));
+        let err = decompress(&[0x1F, 0x8B, 8, 0, 0, 0]).unwrap_err();
+        assert!(err.to_string().contains("gzip payload is corrupt"), "{err}");
+        // Decompresses fine, but not to a kernel.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(b"text").unwrap();
+        let err = decompress(&gz.finish().unwrap()).unwrap_err();
+        assert!(
+            err.to_string().contains("not decompress to an ELF"),
+            "{err}"
+        );
+    }
+}
