@@ -10,12 +10,24 @@ Fixtures:
 ``vm_factory``
     Call it to make more VMs (same keyword arguments as :class:`vmcore.Vm`); all are closed
     after the test, and their consoles reported on failure.
+
+``linux_vm``
+    A :class:`vmcore.Vm` that has booted a Linux kernel with its initrd to the point where the
+    console shows the ready pattern (``vmcore: init reached``, which the initramfs from
+    ``scripts/linux-guest`` prints). Configure it with ``@pytest.mark.linux(vcpus=2,
+    memory="256M", cmdline="console=ttyS0", ready=..., boot_timeout=900)``; ``ready=None``
+    returns as soon as the kernel starts. The kernel and initrd come from the environment
+    (``VMCORE_LINUX_KERNEL``, ``VMCORE_LINUX_INITRD``), the ini options ``vmcore_linux_kernel``
+    and ``vmcore_linux_initrd``, or ``target/linux/vmlinuz`` and
+    ``target/linux/initramfs.cpio.gz`` under the rootdir; the test is skipped, saying where it
+    looked, when they are not there.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Generator, Iterator, List
+from pathlib import Path
+from typing import Any, Callable, Generator, Iterator, List, Optional
 
 import pytest
 
@@ -29,8 +41,22 @@ def kvm_available() -> bool:
     return os.access(KVM_DEVICE, os.R_OK | os.W_OK)
 
 
+LINUX_READY = "vmcore: init reached"
+"""What the initramfs built by ``scripts/linux-guest`` prints when its init starts."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini("vmcore_linux_kernel", "Linux kernel for the linux_vm fixture (default target/linux/vmlinuz)", default="")
+    parser.addini(
+        "vmcore_linux_initrd", "initrd for the linux_vm fixture (default target/linux/initramfs.cpio.gz)", default=""
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm(**kwargs): arguments for the vm fixture's vmcore.Vm")
+    config.addinivalue_line(
+        "markers", "linux(**kwargs): vcpus, memory, cmdline, ready, boot_timeout for the linux_vm fixture"
+    )
     config.addinivalue_line("markers", "slow: a test that boots something big (deselect with -m 'not slow')")
 
 
@@ -65,6 +91,38 @@ def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., vmcore.
 def vm(request: pytest.FixtureRequest, vm_factory: Callable[..., vmcore.Vm]) -> vmcore.Vm:
     marker = request.node.get_closest_marker("vm")
     return vm_factory(**(marker.kwargs if marker else {}))
+
+
+def linux_guest_path(config: pytest.Config, what: str) -> Path:
+    """Where the ``linux_vm`` fixture finds its kernel (``what="kernel"``) or initrd."""
+    default = {"kernel": "target/linux/vmlinuz", "initrd": "target/linux/initramfs.cpio.gz"}[what]
+    chosen = os.environ.get(f"VMCORE_LINUX_{what.upper()}") or str(config.getini(f"vmcore_linux_{what}"))
+    path = Path(chosen or default)
+    return path if path.is_absolute() else Path(config.rootpath) / path
+
+
+@pytest.fixture
+def linux_vm(request: pytest.FixtureRequest, vm_factory: Callable[..., vmcore.Vm]) -> vmcore.Vm:
+    marker = request.node.get_closest_marker("linux")
+    options = dict(marker.kwargs) if marker else {}
+    unknown = set(options) - {"vcpus", "memory", "cmdline", "ready", "boot_timeout"}
+    if unknown:
+        raise pytest.UsageError(f"unknown linux marker arguments: {sorted(unknown)}")
+    kernel = linux_guest_path(request.config, "kernel")
+    initrd = linux_guest_path(request.config, "initrd")
+    for what, path in (("kernel", kernel), ("initrd", initrd)):
+        if not path.is_file():
+            pytest.skip(
+                f"no Linux {what} at {path}: run scripts/linux-guest (part of scripts/setup) or set "
+                f"VMCORE_LINUX_{what.upper()}"
+            )
+    machine = vm_factory(memory=options.get("memory", "256M"), vcpus=options.get("vcpus", 1))
+    machine.load_linux(kernel, initrd, options.get("cmdline", "console=ttyS0"))
+    machine.start()
+    ready: Optional[str] = options.get("ready", LINUX_READY)
+    if ready is not None:
+        machine.console.expect(ready, timeout=float(options.get("boot_timeout", 900)))
+    return machine
 
 
 @pytest.hookimpl(wrapper=True)
