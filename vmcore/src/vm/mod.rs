@@ -28,7 +28,7 @@ use crate::cpu::sites::Sites;
 use crate::cpu::{cpuid, kick, PreciseMode, RegisterFile, Vcpu, VcpuStatus, MAX_BREAKPOINTS};
 use crate::devices::cmos::{self, Cmos, CMOS_PORT};
 use crate::devices::fw_cfg::{FwCfg, FW_CFG_PORT, FW_CFG_PORTS};
-use crate::devices::{self, acpi, lock, DebugExit, IoBus, IrqLine, SerialPort, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
+use crate::devices::{acpi, lock, DebugExit, IoBus, IrqLine, SerialPort, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
 use crate::hooks::{Event, EventKind, HookFn, HookId, Hooks, Trigger};
 use crate::memory::{GuestRam, MMIO_HOLE_START};
 use crate::outcome::{ExitReason, Outcome};
@@ -152,7 +152,7 @@ impl VmBuilder {
         io.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::new(below_4g, above_4g, self.vcpus, cmos::host_clock()))))?;
         let fw_cfg = Arc::new(Mutex::new(FwCfg::new(self.memory, self.vcpus)));
         io.insert(FW_CFG_PORT, FW_CFG_PORTS, fw_cfg.clone())?;
-        devices::insert_platform(&mut io)?;
+        crate::devices::insert_platform(&mut io)?;
         // What a PC's firmware would leave: BIOS data area, MP table, ACPI tables.
         bios::write_bios_area(&ram, self.vcpus)?;
         acpi::write_tables(&ram, self.vcpus)?;
