@@ -174,7 +174,7 @@ def test_unhandled_ports_read_all_ones_and_are_counted(vm, guests):
     assert vm.run(timeout=5).reason == "halted"
     assert vm.console.output == "unhandled read gave ff\n"
     stats = vm.stats()
-    assert stats["unhandled_port_writes"] == {0x80: 3}
+    assert stats["unhandled_port_writes"] == {0x98: 3}
     assert stats["unhandled_port_reads"] == {0x99: 2}
     assert stats["exits"]["io_out"] >= 3 + len("unhandled read gave ff\n")
     assert stats["exits_total"] == sum(stats["exits"].values())

@@ -32,7 +32,10 @@ class Outcome:
     ``"stopped"``, ``"emulation_failure"`` (``rip`` and ``instruction`` say where),
     ``"internal_error"`` (``detail`` says what), ``"hook_stop"`` (a hook called
     ``ev.stop(result)``: ``result`` is that object, ``code`` it when it is an int) and
-    ``"hook_error"`` (a hook raised; ``run()`` and ``wait()`` raise that exception).
+    ``"hook_error"`` (a hook raised; ``run()`` and ``wait()`` raise that exception),
+    ``"reboot"`` (the guest reset the machine: keyboard controller, port 0xcf9 or the ACPI reset
+    register; ``detail`` says which) and ``"poweroff"`` (the guest entered ACPI S5). Only
+    ``"timeout"`` and ``"stopped"`` runs can be started again.
     """
 
     reason: str

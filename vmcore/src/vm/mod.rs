@@ -152,6 +152,7 @@ impl VmBuilder {
         io.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::new(below_4g, above_4g, self.vcpus, cmos::host_clock()))))?;
         let fw_cfg = Arc::new(Mutex::new(FwCfg::new(self.memory, self.vcpus)));
         io.insert(FW_CFG_PORT, FW_CFG_PORTS, fw_cfg.clone())?;
+        crate::devices::insert_platform(&mut io)?;
         // What a PC's firmware would leave: BIOS data area, MP table, ACPI tables.
         bios::write_bios_area(&ram, self.vcpus)?;
         acpi::write_tables(&ram, self.vcpus)?;
