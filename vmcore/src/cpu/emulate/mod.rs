@@ -1,0 +1,319 @@
+//! The userspace emulation fallback: when KVM reports that its instruction emulator gave up
+//! (KVM_EXIT_INTERNAL_ERROR, suberror KVM_INTERNAL_ERROR_EMULATION), the instruction is decoded
+//! here, performed on the vCPU's state through KVM's ioctls and on guest memory through the
+//! guest's page tables, and the vCPU resumes after it. An instruction
+//! the fallback does not know still ends the run with `emulation_failure`.
+//!
+//! Only hosts whose KVM emulates kernel code take this path; on VT-x and AMD-V these
+//! instructions run natively and never exit.
+
+mod cmpxchg;
+mod deliver;
+mod mmu;
+mod operand;
+
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
+use kvm_bindings::{kvm_msr_entry, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES};
+use kvm_ioctls::VcpuFd;
+
+use self::mmu::Mmu;
+use super::precise::{self, write_gpr};
+use super::regs::RegisterFile;
+use super::vcpu::fetch_code;
+use crate::devices::lock;
+use crate::memory::GuestRam;
+use crate::outcome::Outcome;
+use crate::stats::ExitStats;
+
+const CR4_TSD: u64 = 1 << 2;
+const RFLAGS_AC: u64 = 1 << 18;
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_TSC_AUX: u32 = 0xC000_0103;
+
+/// What became of an emulation failure.
+pub(crate) enum Fallback {
+    /// Emulated, or the exception it raises delivered: the guest resumes.
+    Done,
+    /// Not an emulation failure, or an instruction the fallback does not know: the run ends
+    /// with `emulation_failure` as it always did.
+    Unsupported,
+    /// Emulation went wrong in vmcore or KVM: the run ends with this outcome.
+    End(Outcome),
+}
+
+/// An exception the emulated instruction raises in the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Exception {
+    pub vector: u8,
+    pub error_code: Option<u32>,
+    /// For a page fault, the linear address that faulted.
+    pub cr2: Option<u64>,
+}
+
+impl Exception {
+    pub(crate) const fn gp(code: u32) -> Exception {
+        Exception { vector: 13, error_code: Some(code), cr2: None }
+    }
+    pub(crate) const fn page_fault(address: u64, code: u32) -> Exception {
+        Exception { vector: 14, error_code: Some(code), cr2: Some(address) }
+    }
+}
+
+/// Why an instruction did not simply complete.
+#[derive(Debug)]
+pub(crate) enum Fault {
+    /// The instruction raises this exception (delivered to the guest, RIP at the instruction).
+    Exception(Exception),
+    /// The fallback cannot do this one; the run ends with `emulation_failure`.
+    Unsupported(String),
+    /// An ioctl failed; the run ends with `internal_error`.
+    Internal(String),
+}
+
+impl From<Exception> for Fault {
+    fn from(e: Exception) -> Fault {
+        Fault::Exception(e)
+    }
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Fault {
+    move |e| Fault::Internal(format!("KVM {op} failed: {e}"))
+}
+
+/// How an emulated instruction ends.
+enum Done {
+    /// General registers changed (or not): RIP moves past the instruction.
+    Next,
+    /// A software interrupt the guest raised: delivered through its IDT.
+    Interrupt(deliver::SoftInt),
+}
+
+/// The vCPU state an instruction is emulated against.
+struct Cx<'a> {
+    fd: &'a VcpuFd,
+    ram: &'a GuestRam,
+    rf: RegisterFile,
+    instr: Instruction,
+    bitness: u32,
+}
+
+/// Emulates the instruction KVM failed on, if it is one the fallback knows.
+pub(crate) fn emulate(fd: &mut VcpuFd, ram: &GuestRam, stats: &Mutex<ExitStats>) -> Fallback {
+    let Some(reported) = failed_instruction(fd) else { return Fallback::Unsupported };
+    let rf = match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(regs), Ok(sregs)) => RegisterFile { regs, sregs },
+        (Err(e), _) | (_, Err(e)) => return Fallback::End(Outcome::internal(format!("emulation fallback: cannot read registers: {e}"))),
+    };
+    let mut bytes = reported;
+    if bytes.is_empty() {
+        let mut buf = [0u8; 15];
+        let n = fetch_code(ram, &rf, &mut buf);
+        bytes = buf[..n].to_vec();
+    }
+    let bitness = precise::bitness(&rf);
+    let instr = Decoder::with_ip(bitness, &bytes, rf.regs.rip, DecoderOptions::NONE).decode();
+    if instr.is_invalid() {
+        return Fallback::Unsupported;
+    }
+    let Some(name) = name(&instr) else { return Fallback::Unsupported };
+    let mut cx = Cx { fd, ram, rf, instr, bitness };
+    let result = cx.run().and_then(|done| cx.finish(done));
+    let delivered = match result {
+        Ok(()) => Ok(()),
+        // KVM still holds the registers from before the instruction: it faults there.
+        Err(Fault::Exception(e)) => deliver::exception(cx.fd, cx.ram, e),
+        Err(other) => Err(other),
+    };
+    match delivered {
+        Ok(()) => {
+            count(stats, name);
+            Fallback::Done
+        }
+        Err(Fault::Unsupported(why)) => {
+            log::debug!("emulation fallback: cannot emulate {name} at {:#x}: {why}", cx.rf.regs.rip);
+            Fallback::Unsupported
+        }
+        Err(Fault::Internal(why)) => Fallback::End(Outcome::internal(format!("emulating {name}: {why}"))),
+        Err(Fault::Exception(e)) => Fallback::End(Outcome::internal(format!("emulating {name}: cannot deliver {e:?}"))),
+    }
+}
+
+/// Counts an emulated instruction, logging its kind the first time this process sees it.
+fn count(stats: &Mutex<ExitStats>, name: &'static str) {
+    *lock(stats).emulated.entry(name).or_default() += 1;
+    static SEEN: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    if lock(SEEN.get_or_init(Mutex::default)).insert(name) {
+        log::debug!("emulation fallback: emulating {name} (KVM's emulator cannot; counted from now on)");
+    }
+}
+
+/// The instruction bytes of an emulation failure: `None` if the exit is another internal
+/// error, empty if KVM did not include them.
+fn failed_instruction(fd: &mut VcpuFd) -> Option<Vec<u8>> {
+    let run = fd.get_kvm_run();
+    // SAFETY: the caller saw KVM_EXIT_INTERNAL_ERROR, so `internal` is the union member KVM
+    // filled; `emulation_failure` overlays its first fields for suberror 1.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    if internal.suberror != KVM_INTERNAL_ERROR_EMULATION {
+        return None;
+    }
+    // SAFETY: as above; suberror 1 means the emulation_failure layout.
+    let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
+    if failure.ndata >= 3 && failure.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0 {
+        // SAFETY: the flag says the instruction bytes are valid.
+        let insn = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
+        Some(insn.insn_bytes[..usize::from(insn.insn_size).min(15)].to_vec())
+    } else {
+        Some(Vec::new())
+    }
+}
+
+/// The statistics name of an instruction the fallback emulates; `None` for any other.
+fn name(instr: &Instruction) -> Option<&'static str> {
+    Some(match instr.mnemonic() {
+        Mnemonic::Cmpxchg16b => "cmpxchg16b",
+        Mnemonic::Cmpxchg8b => "cmpxchg8b",
+        Mnemonic::Rdtscp => "rdtscp",
+        Mnemonic::Rdpid => "rdpid",
+        Mnemonic::Int3 => "int3",
+        Mnemonic::Int => "int",
+        Mnemonic::Int1 => "int1",
+        _ => return None,
+    })
+}
+
+impl Cx<'_> {
+    fn cpl(&self) -> u8 {
+        self.rf.sregs.ss.dpl & 3
+    }
+
+    fn mmu(&self) -> Mmu<'_> {
+        Mmu { ram: self.ram, ctx: self.rf.paging(), cpl: self.cpl(), ac: self.rf.regs.rflags & RFLAGS_AC != 0 }
+    }
+
+    /// The linear address of the instruction's memory operand.
+    fn address(&self) -> Result<u64, Fault> {
+        (0..self.instr.op_count())
+            .find(|&op| self.instr.op_kind(op) == OpKind::Memory)
+            .and_then(|op| operand::linear_address(&self.instr, op, &self.rf, self.bitness))
+            .ok_or_else(|| Fault::Unsupported("no memory operand".into()))
+    }
+
+    fn read_msr(&self, index: u32) -> Option<u64> {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }]).ok()?;
+        match self.fd.get_msrs(&mut msrs) {
+            Ok(1) => Some(msrs.as_slice()[0].data),
+            _ => None,
+        }
+    }
+
+    fn set_edx_eax(&mut self, value: u64) {
+        self.rf.regs.rax = value & 0xFFFF_FFFF;
+        self.rf.regs.rdx = value >> 32;
+    }
+
+    fn run(&mut self) -> Result<Done, Fault> {
+        let next = Ok(Done::Next);
+        match self.instr.mnemonic() {
+            Mnemonic::Cmpxchg16b | Mnemonic::Cmpxchg8b => self.cmpxchg().and(next),
+            Mnemonic::Rdtscp => {
+                if self.rf.sregs.cr4 & CR4_TSD != 0 && self.cpl() != 0 {
+                    return Err(Exception::gp(0).into());
+                }
+                let tsc = self.read_msr(MSR_IA32_TSC).ok_or_else(|| Fault::Internal("cannot read the guest TSC".into()))?;
+                let aux = self.read_msr(MSR_TSC_AUX).unwrap_or(0);
+                self.set_edx_eax(tsc);
+                self.rf.regs.rcx = aux & 0xFFFF_FFFF;
+                next
+            }
+            Mnemonic::Rdpid => {
+                let aux = self.read_msr(MSR_TSC_AUX).unwrap_or(0);
+                // RDPID r64 in 64-bit mode, r32 elsewhere.
+                write_gpr(&mut self.rf.regs, self.instr.op0_register(), aux);
+                next
+            }
+            Mnemonic::Int3 => Ok(Done::Interrupt(deliver::SoftInt::Breakpoint)),
+            Mnemonic::Int1 => Ok(Done::Interrupt(deliver::SoftInt::Icebp)),
+            Mnemonic::Int => Ok(Done::Interrupt(deliver::SoftInt::Int(self.instr.immediate8()))),
+            _ => Err(Fault::Unsupported("not an instruction the fallback knows".into())),
+        }
+    }
+
+    /// Writes the registers back with RIP past the instruction, or delivers the interrupt.
+    fn finish(&mut self, done: Done) -> Result<(), Fault> {
+        let next_rip = self.instr.next_ip();
+        let next_rip = if self.bitness == 64 { next_rip } else { next_rip & 0xFFFF_FFFF };
+        match done {
+            Done::Next => {
+                self.rf.regs.rip = next_rip;
+                self.fd.set_regs(&self.rf.regs).map_err(kvm_err("SET_REGS"))
+            }
+            Done::Interrupt(soft) => deliver::software(self.fd, self.ram, &mut self.rf, soft, next_rip),
+        }
+    }
+
+    fn cmpxchg(&mut self) -> Result<(), Fault> {
+        let wide = self.instr.code() == Code::Cmpxchg16b_m128;
+        let linear = self.address()?;
+        let len = if wide { 16u64 } else { 8 };
+        if wide && linear % 16 != 0 {
+            return Err(Exception::gp(0).into());
+        }
+        let (expected, new) = cmpxchg::operands(&self.rf.regs, wide);
+        let mmu = self.mmu();
+        // A locked instruction writes its destination whether or not it matches.
+        let phys = mmu.translate(linear, true)?;
+        let in_line = (linear % 64) + len <= 64;
+        let result = if in_line {
+            let ptr = mmu::host_ptr(self.ram, phys, len)?;
+            if wide {
+                // SAFETY: `host_ptr` checked that the 16 bytes at `phys` are guest RAM, mapped
+                // for as long as the VM lives; `linear` is 16-byte aligned and pages are 4 KiB,
+                // so `phys` (and the host address) is too.
+                unsafe { cmpxchg::lock_cmpxchg16b(ptr, expected, new) }
+            } else {
+                // SAFETY: the 8 bytes are guest RAM (checked by `host_ptr`) and do not cross a
+                // cache line (`in_line`), nor therefore a page.
+                unsafe { cmpxchg::lock_cmpxchg8b(ptr, expected as u64, new as u64) }.map_err(u128::from)
+            }
+        } else {
+            // Split across cache lines (only the 8-byte form can be): no single host
+            // instruction does this without a split lock, so vCPUs in the fallback take turns.
+            let _turn = lock(&cmpxchg::SPLIT);
+            let mut current = [0u8; 8];
+            mmu.read(linear, &mut current)?;
+            match cmpxchg::compare(&current, expected, new) {
+                Ok(bytes) => mmu.write(linear, &bytes).map(|()| Ok(()))?,
+                Err(value) => Err(value),
+            }
+        };
+        cmpxchg::write_back(&mut self.rf.regs, wide, result);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(bytes: &[u8], bitness: u32) -> Instruction {
+        Decoder::with_ip(bitness, bytes, 0, DecoderOptions::NONE).decode()
+    }
+
+    #[test]
+    fn names_cover_the_failing_instructions() {
+        for (bytes, expected) in [
+            (&[0xF0, 0x48, 0x0F, 0xC7, 0x0F][..], Some("cmpxchg16b")),
+            (&[0x0F, 0x01, 0xF9], Some("rdtscp")),
+            (&[0xCC], Some("int3")),
+            (&[0xCD, 0x80], Some("int")),
+            (&[0xF1], Some("int1")),
+            (&[0x66, 0x0F, 0x38, 0xDC, 0xC1], None), // aesenc
+        ] {
+            assert_eq!(name(&decode(bytes, 64)), expected, "{bytes:02x?}");
+        }
+    }
+}
