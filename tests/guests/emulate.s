@@ -16,7 +16,11 @@
         .set GDT2,     0x302000
         .set TSS,      0x302100
         .set IST1_TOP, 0x304000
+        .set AREA_A,   0x305000         # XSAVE areas (4 KiB each)
+        .set AREA_B,   0x306000
         .set DATA,     0x307000
+        .set AREA_C,   0x308000
+        .set CR4_OSXSAVE, 1 << 18
 
 .macro R n, src                         # RESULTS[n] = src (register)
         mov     \src, RESULTS + 8 * \n
@@ -29,6 +33,25 @@
         rep stosq
 .endm
 
+.macro XCR0_AVX                         # XCR0 = x87 | SSE | AVX
+        xor     %ecx, %ecx
+        mov     $7, %eax
+        xor     %edx, %edx
+        xsetbv
+.endm
+
+.macro XMASK lo                         # EDX:EAX = 0:lo (lo = -1 gives all)
+        mov     $\lo, %eax
+        .if \lo == -1
+        mov     $-1, %edx
+        .else
+        xor     %edx, %edx
+        .endif
+.endm
+
+        mov     %cr4, %rax
+        or      $CR4_OSXSAVE, %rax
+        mov     %rax, %cr4
         call    setup_traps
         mov     MAILBOX, %eax
         cmp     $NCASES, %eax
@@ -294,6 +317,154 @@ ap_gdt_ptr:
 ap_tramp_end:
         .code64
 
+# --- case 12: xgetbv after xsetbv -------------------------------------------------------------
+case_xgetbv:
+        XCR0_AVX
+        xor     %ecx, %ecx
+        xgetbv
+        R       1, %rax
+        R       2, %rdx
+        jmp     pass
+
+# --- case 13: xsave then xrstor brings XMM0 back ----------------------------------------------
+case_xsave_xmm:
+        XCR0_AVX
+        ZERO4K  AREA_A
+        movups  pattern0(%rip), %xmm0
+        XMASK   -1
+        xsave   AREA_A
+        movups  zero16(%rip), %xmm0
+        XMASK   -1
+        xrstor  AREA_A
+        movups  %xmm0, RESULTS + 8      # R1, R2
+        mov     AREA_A + 512, %rax
+        R       3, %rax
+        mov     AREA_A + 160, %rax
+        R       4, %rax
+        mov     AREA_A + 168, %rax
+        R       5, %rax
+        jmp     pass
+
+# --- case 14: AVX state through standard xrstor, xsavec, compacted xrstor, xsave --------------
+case_xsave_avx:
+        XCR0_AVX
+        ZERO4K  AREA_B
+        movw    $0x37f, AREA_B
+        movl    $0x1f80, AREA_B + 24
+        movabs  $0x0706050403020100, %rax
+        mov     %rax, AREA_B + 160
+        movabs  $0x0f0e0d0c0b0a0908, %rax
+        mov     %rax, AREA_B + 168
+        movabs  $0xa1a2a3a4a5a6a7a8, %rax
+        mov     %rax, AREA_B + 576
+        movabs  $0xb1b2b3b4b5b6b7b8, %rax
+        mov     %rax, AREA_B + 584
+        movq    $7, AREA_B + 512
+        XMASK   7
+        xrstor  AREA_B                  # standard form
+        ZERO4K  AREA_A
+        XMASK   7
+        xsavec  AREA_A
+        mov     AREA_A + 512, %rax
+        R       1, %rax
+        mov     AREA_A + 520, %rax
+        R       2, %rax
+        mov     AREA_A + 576, %rax
+        R       3, %rax
+        mov     AREA_A + 584, %rax
+        R       4, %rax
+        movups  zero16(%rip), %xmm0     # legacy SSE: the upper YMM half stays
+        XMASK   7
+        xrstor  AREA_A                  # compacted form
+        ZERO4K  AREA_C
+        XMASK   7
+        xsave   AREA_C
+        mov     AREA_C + 160, %rax
+        R       5, %rax
+        mov     AREA_C + 168, %rax
+        R       6, %rax
+        mov     AREA_C + 576, %rax
+        R       7, %rax
+        mov     AREA_C + 584, %rax
+        R       8, %rax
+        mov     AREA_C + 512, %rax
+        R       9, %rax
+        jmp     pass
+
+# --- case 15: xsaves, xrstors, xsaveopt -------------------------------------------------------
+case_xsaves:
+        XCR0_AVX
+        ZERO4K  AREA_A
+        movups  pattern1(%rip), %xmm1
+        XMASK   -1
+        xsaves  AREA_A
+        movups  zero16(%rip), %xmm1
+        XMASK   -1
+        xrstors AREA_A
+        movups  %xmm1, RESULTS + 8      # R1, R2
+        mov     AREA_A + 520, %rax
+        R       3, %rax
+        ZERO4K  AREA_C
+        XMASK   -1
+        xsaveopt AREA_C
+        mov     AREA_C + 176, %rax
+        R       4, %rax
+        mov     AREA_C + 512, %rax
+        R       5, %rax
+        jmp     pass
+
+# --- case 16: xgetbv with CR4.OSXSAVE clear raises #UD ----------------------------------------
+case_ud:
+        mov     %cr4, %rax
+        and     $~CR4_OSXSAVE, %rax
+        mov     %rax, %cr4
+        movq    $after_ud, RESUME
+        xor     %ecx, %ecx
+        .globl  ud_site
+ud_site:
+        xgetbv
+        movq    $2, RESULTS             # not reached
+after_ud:
+        movq    $1, RESULTS
+        jmp     pass
+
+# --- case 17: xsave to an unmapped page raises #PF --------------------------------------------
+case_pf:
+        movq    $after_pf, RESUME
+        movabs  $0x100000000, %rdi      # beyond the 4 GiB identity map
+        XMASK   -1
+        .globl  pf_site
+pf_site:
+        xsave   (%rdi)
+        movq    $2, RESULTS             # not reached
+after_pf:
+        mov     %cr2, %rax
+        R       1, %rax
+        movq    $1, RESULTS
+        jmp     pass
+
+# --- case 18: KVM's emulator and the fallback see the same SSE registers ----------------------
+case_xmm_shared:
+        XCR0_AVX
+        movups  pattern0(%rip), %xmm0
+        movups  %xmm0, RESULTS + 8      # R1, R2: KVM's emulator both ways
+        ZERO4K  AREA_A
+        XMASK   -1
+        xsave   AREA_A
+        mov     AREA_A + 160, %rax      # R3: what the fallback saved
+        R       3, %rax
+        mov     AREA_A + 512, %rax
+        R       4, %rax
+        ZERO4K  AREA_B
+        movl    $0x1f80, AREA_B + 24
+        movabs  $0x0706050403020100, %rax
+        mov     %rax, AREA_B + 160
+        movq    $2, AREA_B + 512
+        XMASK   2
+        xrstor  AREA_B
+        movups  %xmm0, RESULTS + 40     # R5, R6: what the fallback restored, read by KVM
+        jmp     pass
+
 # --- trap handling ----------------------------------------------------------------------------
 # set_gate: IDT[EDI] = interrupt gate to RSI, code selector 0x08, IST EDX.
 set_gate:
@@ -401,11 +572,20 @@ cases:
         .quad   case_nothing, case_int3, case_int80, case_int1, case_int3_ist, case_rdtscp        # 0-5
         .quad   case_cx16_match, case_cx16_mismatch, case_cx16_misaligned, case_cx16_addressing # 6-9
         .quad   case_unsupported, case_race                                                     # 10-11
+        .quad   case_xgetbv, case_xsave_xmm, case_xsave_avx, case_xsaves, case_ud, case_pf      # 12-17
+        .quad   case_xmm_shared                                                                 # 18
         .set    NCASES, (. - cases) / 8
 stubs:
         .irp n,0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,128
         .quad   stub_\n
         .endr
+        .balign 16
+pattern0:
+        .quad   0x0123456789abcdef, 0xfedcba9876543210
+pattern1:
+        .quad   0x1111222233334444, 0x5555666677778888
+zero16:
+        .quad   0, 0
 idtr:
         .word   0xfff
         .quad   IDT

@@ -208,3 +208,93 @@ fn cmpxchg16b_stays_atomic_between_vcpus() {
     }
 }
 
+#[test]
+fn xgetbv_reads_the_xcr0_the_guest_set() {
+    if !kvm() {
+        return;
+    }
+    let run = run_case(12);
+    passed(&run);
+    assert_eq!((run.r[1], run.r[2]), (7, 0));
+    emulated(&run, &["xgetbv"]);
+}
+
+#[test]
+fn xsave_then_xrstor_brings_an_xmm_register_back() {
+    if !kvm() {
+        return;
+    }
+    let run = run_case(13);
+    passed(&run);
+    let pattern = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
+    assert_eq!((run.r[1], run.r[2]), pattern, "XMM0 after xrstor");
+    assert_ne!(run.r[3] & 2, 0, "XSTATE_BV has SSE: {:#x}", run.r[3]);
+    assert_eq!((run.r[4], run.r[5]), pattern, "XMM0 in the area at offset 160");
+    emulated(&run, &["xsave", "xrstor"]);
+}
+
+#[test]
+fn avx_state_survives_standard_and_compacted_forms() {
+    if !kvm() {
+        return;
+    }
+    let run = run_case(14);
+    passed(&run);
+    let ymm_high = (0xa1a2_a3a4_a5a6_a7a8, 0xb1b2_b3b4_b5b6_b7b8);
+    assert_eq!(run.r[1] & 6, 6, "xsavec: SSE and AVX in use ({:#x})", run.r[1]);
+    assert_eq!(run.r[2], (1 << 63) | 7, "xsavec: XCOMP_BV = compacted | RFBM");
+    assert_eq!((run.r[3], run.r[4]), ymm_high, "xsavec: AVX first in the compacted region, at 576");
+    assert_eq!((run.r[5], run.r[6]), (0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908), "XMM0 after the round trip");
+    assert_eq!((run.r[7], run.r[8]), ymm_high, "upper YMM0 after the round trip");
+    assert_eq!(run.r[9] & 6, 6, "xsave: XSTATE_BV");
+    emulated(&run, &["xrstor", "xsavec", "xsave"]);
+}
+
+#[test]
+fn xsaves_xrstors_and_xsaveopt() {
+    if !kvm() {
+        return;
+    }
+    let run = run_case(15);
+    passed(&run);
+    let pattern = (0x1111_2222_3333_4444, 0x5555_6666_7777_8888);
+    assert_eq!((run.r[1], run.r[2]), pattern, "XMM1 back through xsaves/xrstors");
+    assert_eq!(run.r[3], (1 << 63) | 7, "xsaves writes the compacted format");
+    assert_eq!(run.r[4], pattern.0, "xsaveopt stored XMM1");
+    assert_ne!(run.r[5] & 2, 0);
+    emulated(&run, &["xsaves", "xrstors", "xsaveopt"]);
+}
+
+#[test]
+fn xgetbv_without_cr4_osxsave_raises_ud() {
+    if !kvm() {
+        return;
+    }
+    let run = run_case(16);
+    passed(&run);
+    assert_eq!((run.trap.vector, run.trap.rip, run.r[0]), (6, site("ud_site"), 1));
+}
+
+#[test]
+fn xsave_to_an_unmapped_page_raises_a_page_fault() {
+    if !kvm() {
+        return;
+    }
+    let run = run_case(17);
+    passed(&run);
+    assert_eq!((run.trap.vector, run.trap.error_code, run.trap.rip), (14, 2, site("pf_site")), "#PF, write to a page not present");
+    assert_eq!(run.r[1], 0x1_0000_0000, "CR2");
+}
+
+#[test]
+fn kvms_emulator_and_the_fallback_share_the_sse_registers() {
+    if !kvm() {
+        return;
+    }
+    let run = run_case(18);
+    passed(&run);
+    assert_eq!((run.r[1], run.r[2]), (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210));
+    assert_eq!(run.r[3], 0x0123_4567_89ab_cdef, "xsave saw the XMM0 a movups wrote");
+    assert_eq!((run.r[5], run.r[6]), (0x0706_0504_0302_0100, 0), "movups saw the XMM0 xrstor loaded");
+}
+

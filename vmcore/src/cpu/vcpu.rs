@@ -315,7 +315,8 @@ impl Vcpu {
                         }
                     }
                     // Instructions KVM's emulator gives up on (hosts that emulate kernel code).
-                    match emulate::emulate(&mut vcpu.fd, env.ram, env.stats) {
+                    let Vcpu { fd, cpuid, .. } = &mut *vcpu;
+                    match emulate::emulate(fd, cpuid, env.ram, env.stats) {
                         Fallback::Done => {
                             synced = false;
                             continue;

@@ -167,6 +167,12 @@ impl<'a> Mmu<'a> {
         Ok(())
     }
 
+    /// Checks that `[linear, linear + len)` can be written, so a later write of any part of it
+    /// cannot fault halfway.
+    pub fn probe_write(&self, linear: u64, len: usize) -> Result<(), Fault> {
+        self.pieces(linear, len, true).map(drop)
+    }
+
     /// Splits a range at page boundaries and translates each piece: (offset, len, physical).
     fn pieces(&self, linear: u64, len: usize, write: bool) -> Result<Vec<(usize, usize, u64)>, Fault> {
         let long = matches!(self.ctx.mode(), PagingMode::Level4 | PagingMode::Level5);

@@ -1,7 +1,7 @@
 //! The userspace emulation fallback: when KVM reports that its instruction emulator gave up
 //! (KVM_EXIT_INTERNAL_ERROR, suberror KVM_INTERNAL_ERROR_EMULATION), the instruction is decoded
-//! here, performed on the vCPU's state through KVM's ioctls and on guest memory through the
-//! guest's page tables, and the vCPU resumes after it. An instruction
+//! here, performed on the vCPU's state through KVM's register, XSAVE and XCR ioctls and on
+//! guest memory through the guest's page tables, and the vCPU resumes after it. An instruction
 //! the fallback does not know still ends the run with `emulation_failure`.
 //!
 //! Only hosts whose KVM emulates kernel code take this path; on VT-x and AMD-V these
@@ -11,15 +11,20 @@ mod cmpxchg;
 mod deliver;
 mod mmu;
 mod operand;
+mod xsave;
 
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
-use kvm_bindings::{kvm_msr_entry, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES};
-use kvm_ioctls::VcpuFd;
+use kvm_bindings::{
+    kvm_msr_entry, kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
 
 use self::mmu::Mmu;
+use self::xsave::{Layout, Legacy, SaveForm};
 use super::precise::{self, write_gpr};
 use super::regs::RegisterFile;
 use super::vcpu::fetch_code;
@@ -28,9 +33,12 @@ use crate::memory::GuestRam;
 use crate::outcome::Outcome;
 use crate::stats::ExitStats;
 
+const CR0_TS: u64 = 1 << 3;
 const CR4_TSD: u64 = 1 << 2;
+const CR4_OSXSAVE: u64 = 1 << 18;
 const RFLAGS_AC: u64 = 1 << 18;
 const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_XSS: u32 = 0xDA0;
 const MSR_TSC_AUX: u32 = 0xC000_0103;
 
 /// What became of an emulation failure.
@@ -54,6 +62,15 @@ pub(crate) struct Exception {
 }
 
 impl Exception {
+    const fn new(vector: u8) -> Exception {
+        Exception { vector, error_code: None, cr2: None }
+    }
+    pub(crate) const fn ud() -> Exception {
+        Exception::new(6)
+    }
+    pub(crate) const fn nm() -> Exception {
+        Exception::new(7)
+    }
     pub(crate) const fn gp(code: u32) -> Exception {
         Exception { vector: 13, error_code: Some(code), cr2: None }
     }
@@ -94,14 +111,16 @@ enum Done {
 /// The vCPU state an instruction is emulated against.
 struct Cx<'a> {
     fd: &'a VcpuFd,
+    cpuid: &'a CpuId,
     ram: &'a GuestRam,
     rf: RegisterFile,
     instr: Instruction,
     bitness: u32,
 }
 
-/// Emulates the instruction KVM failed on, if it is one the fallback knows.
-pub(crate) fn emulate(fd: &mut VcpuFd, ram: &GuestRam, stats: &Mutex<ExitStats>) -> Fallback {
+/// Emulates the instruction KVM failed on, if it is one the fallback knows. `cpuid` is the
+/// vCPU's table (for the XSAVE layout).
+pub(crate) fn emulate(fd: &mut VcpuFd, cpuid: &CpuId, ram: &GuestRam, stats: &Mutex<ExitStats>) -> Fallback {
     let Some(reported) = failed_instruction(fd) else { return Fallback::Unsupported };
     let rf = match (fd.get_regs(), fd.get_sregs()) {
         (Ok(regs), Ok(sregs)) => RegisterFile { regs, sregs },
@@ -119,7 +138,7 @@ pub(crate) fn emulate(fd: &mut VcpuFd, ram: &GuestRam, stats: &Mutex<ExitStats>)
         return Fallback::Unsupported;
     }
     let Some(name) = name(&instr) else { return Fallback::Unsupported };
-    let mut cx = Cx { fd, ram, rf, instr, bitness };
+    let mut cx = Cx { fd, cpuid, ram, rf, instr, bitness };
     let result = cx.run().and_then(|done| cx.finish(done));
     let delivered = match result {
         Ok(()) => Ok(()),
@@ -176,6 +195,14 @@ fn name(instr: &Instruction) -> Option<&'static str> {
     Some(match instr.mnemonic() {
         Mnemonic::Cmpxchg16b => "cmpxchg16b",
         Mnemonic::Cmpxchg8b => "cmpxchg8b",
+        Mnemonic::Xsave | Mnemonic::Xsave64 => "xsave",
+        Mnemonic::Xsaveopt | Mnemonic::Xsaveopt64 => "xsaveopt",
+        Mnemonic::Xsavec | Mnemonic::Xsavec64 => "xsavec",
+        Mnemonic::Xsaves | Mnemonic::Xsaves64 => "xsaves",
+        Mnemonic::Xrstor | Mnemonic::Xrstor64 => "xrstor",
+        Mnemonic::Xrstors | Mnemonic::Xrstors64 => "xrstors",
+        Mnemonic::Xgetbv => "xgetbv",
+        Mnemonic::Xsetbv => "xsetbv",
         Mnemonic::Rdtscp => "rdtscp",
         Mnemonic::Rdpid => "rdpid",
         Mnemonic::Int3 => "int3",
@@ -210,6 +237,16 @@ impl Cx<'_> {
         }
     }
 
+    fn xcr0(&self) -> Result<u64, Fault> {
+        let xcrs = self.fd.get_xcrs().map_err(kvm_err("GET_XCRS"))?;
+        Ok(xcrs.xcrs[..(xcrs.nr_xcrs as usize).min(xcrs.xcrs.len())].iter().find(|x| x.xcr == 0).map_or(1, |x| x.value))
+    }
+
+    /// EDX:EAX as one 64-bit value.
+    fn edx_eax(&self) -> u64 {
+        (self.rf.regs.rdx << 32) | (self.rf.regs.rax & 0xFFFF_FFFF)
+    }
+
     fn set_edx_eax(&mut self, value: u64) {
         self.rf.regs.rax = value & 0xFFFF_FFFF;
         self.rf.regs.rdx = value >> 32;
@@ -219,6 +256,14 @@ impl Cx<'_> {
         let next = Ok(Done::Next);
         match self.instr.mnemonic() {
             Mnemonic::Cmpxchg16b | Mnemonic::Cmpxchg8b => self.cmpxchg().and(next),
+            Mnemonic::Xsave | Mnemonic::Xsave64 => self.save(SaveForm::Standard, false).and(next),
+            Mnemonic::Xsaveopt | Mnemonic::Xsaveopt64 => self.save(SaveForm::StandardOptimized, false).and(next),
+            Mnemonic::Xsavec | Mnemonic::Xsavec64 => self.save(SaveForm::Compacted, false).and(next),
+            Mnemonic::Xsaves | Mnemonic::Xsaves64 => self.save(SaveForm::Compacted, true).and(next),
+            Mnemonic::Xrstor | Mnemonic::Xrstor64 => self.restore(false).and(next),
+            Mnemonic::Xrstors | Mnemonic::Xrstors64 => self.restore(true).and(next),
+            Mnemonic::Xgetbv => self.xgetbv().and(next),
+            Mnemonic::Xsetbv => self.xsetbv().and(next),
             Mnemonic::Rdtscp => {
                 if self.rf.sregs.cr4 & CR4_TSD != 0 && self.cpl() != 0 {
                     return Err(Exception::gp(0).into());
@@ -293,6 +338,155 @@ impl Cx<'_> {
         cmpxchg::write_back(&mut self.rf.regs, wide, result);
         Ok(())
     }
+
+    /// The checks every XSAVE-family instruction makes, then its operand and the state.
+    /// Returns the area's address, XCR0 (| IA32_XSS), RFBM, the layout and the legacy-region form.
+    fn xsave_prologue(&self, supervisor: bool) -> Result<(u64, u64, u64, Layout, Legacy), Fault> {
+        if self.rf.sregs.cr4 & CR4_OSXSAVE == 0 {
+            return Err(Exception::ud().into());
+        }
+        if self.rf.sregs.cr0 & CR0_TS != 0 {
+            return Err(Exception::nm().into());
+        }
+        let linear = self.address()?;
+        if (supervisor && self.cpl() != 0) || linear % 64 != 0 {
+            return Err(Exception::gp(0).into());
+        }
+        let mut allowed = self.xcr0()?;
+        if supervisor {
+            let xss = self.read_msr(MSR_IA32_XSS).unwrap_or(0);
+            if xss != 0 {
+                return Err(Fault::Unsupported(format!("supervisor state components (IA32_XSS {xss:#x})")));
+            }
+            allowed |= xss;
+        }
+        let layout = Layout::from_cpuid(self.cpuid.as_slice());
+        let rex_w = matches!(
+            self.instr.mnemonic(),
+            Mnemonic::Xsave64 | Mnemonic::Xsaveopt64 | Mnemonic::Xsavec64 | Mnemonic::Xsaves64 | Mnemonic::Xrstor64 | Mnemonic::Xrstors64
+        );
+        let legacy = Legacy { rex_w, xmm_count: if self.bitness == 64 { 16 } else { 8 } };
+        let rfbm = allowed & self.edx_eax();
+        if rfbm & !layout.known() != 0 {
+            return Err(Fault::Unsupported(format!("state components {:#x} not in CPUID leaf 0xD", rfbm & !layout.known())));
+        }
+        Ok((linear, allowed, rfbm, layout, legacy))
+    }
+
+    fn save(&mut self, form: SaveForm, supervisor: bool) -> Result<(), Fault> {
+        let (linear, _, rfbm, layout, legacy) = self.xsave_prologue(supervisor)?;
+        let image = get_image(self.fd)?;
+        let mmu = self.mmu();
+        // Fault (if at all) as a write, before writing anything.
+        let end = xsave::save(&layout, &image, rfbm, form, legacy, 0).iter().map(|(o, b)| o + b.len()).max().unwrap_or(0);
+        mmu.probe_write(linear, end)?;
+        let mut old = [0u8; 8];
+        if form != SaveForm::Compacted {
+            mmu.read(linear + xsave::HEADER as u64, &mut old)?;
+        }
+        let writes = xsave::save(&layout, &image, rfbm, form, legacy, u64::from_le_bytes(old));
+        for (offset, bytes) in &writes {
+            mmu.write(linear + *offset as u64, bytes)?;
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, supervisor: bool) -> Result<(), Fault> {
+        let (linear, allowed, rfbm, layout, legacy) = self.xsave_prologue(supervisor)?;
+        let mmu = self.mmu();
+        let mut header = [0u8; 64];
+        mmu.read(linear + xsave::HEADER as u64, &mut header)?;
+        let word = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+        let size = layout.restore_size(word(0), word(8), rfbm);
+        let mut area = vec![0u8; size];
+        mmu.read(linear, &mut area)?;
+        let mut image = get_image(self.fd)?;
+        xsave::restore(&layout, &area, &mut image, rfbm, allowed, supervisor, legacy)?;
+        set_image(self.fd, &image)
+    }
+
+    fn xgetbv(&mut self) -> Result<(), Fault> {
+        if self.rf.sregs.cr4 & CR4_OSXSAVE == 0 {
+            return Err(Exception::ud().into());
+        }
+        let value = match self.rf.regs.rcx & 0xFFFF_FFFF {
+            0 => self.xcr0()?,
+            // XCR0 & XINUSE. Offered whatever the vCPU's CPUID says: on kvm_pvm guests see the
+            // host's leaf 0xD, which may announce it while KVM's table does not.
+            1 => self.xcr0()? & xsave::xstate_bv(&get_image(self.fd)?),
+            _ => return Err(Exception::gp(0).into()),
+        };
+        self.set_edx_eax(value);
+        Ok(())
+    }
+
+    fn xsetbv(&mut self) -> Result<(), Fault> {
+        if self.rf.sregs.cr4 & CR4_OSXSAVE == 0 {
+            return Err(Exception::ud().into());
+        }
+        let value = self.edx_eax();
+        let valid = self.cpl() == 0
+            && self.rf.regs.rcx & 0xFFFF_FFFF == 0
+            && value & xsave::X87 != 0
+            && (value & xsave::AVX == 0 || value & xsave::SSE != 0);
+        if !valid {
+            return Err(Exception::gp(0).into());
+        }
+        let mut xcrs = kvm_xcrs { nr_xcrs: 1, ..Default::default() };
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = value;
+        // KVM refuses what the vCPU's CPUID does not offer, as the CPU would with #GP.
+        self.fd.set_xcrs(&xcrs).map_err(|_| Fault::Exception(Exception::gp(0)))
+    }
+}
+
+/// The size of KVM's XSAVE buffer: KVM_CAP_XSAVE2 on the system (an upper bound for every VM),
+/// at least the classic 4 KiB.
+fn xsave_size() -> usize {
+    static SIZE: OnceLock<usize> = OnceLock::new();
+    *SIZE.get_or_init(|| {
+        let cap = Kvm::new().map(|kvm| kvm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+        usize::try_from(cap).unwrap_or(0).max(std::mem::size_of::<kvm_xsave>())
+    })
+}
+
+/// The vCPU's XSAVE state, in the standard format.
+fn get_image(fd: &VcpuFd) -> Result<Vec<u8>, Fault> {
+    let size = xsave_size();
+    let words: Vec<u32> = if size <= std::mem::size_of::<kvm_xsave>() {
+        fd.get_xsave().map_err(kvm_err("GET_XSAVE"))?.region.to_vec()
+    } else {
+        let extra = (size - std::mem::size_of::<kvm_xsave>()).div_ceil(4);
+        let mut xsave = Xsave::new(extra).map_err(|e| Fault::Internal(format!("XSAVE buffer: {e:?}")))?;
+        // SAFETY: the buffer holds KVM_CAP_XSAVE2 bytes as the system reports it, which bounds
+        // what KVM copies for any VM.
+        unsafe { fd.get_xsave2(&mut xsave) }.map_err(kvm_err("GET_XSAVE2"))?;
+        let mut w = xsave.as_fam_struct_ref().xsave.region.to_vec();
+        w.extend_from_slice(xsave.as_slice());
+        w
+    };
+    Ok(words.iter().flat_map(|w| w.to_le_bytes()).collect())
+}
+
+fn set_image(fd: &VcpuFd, image: &[u8]) -> Result<(), Fault> {
+    let words: Vec<u32> = image.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+    let classic = std::mem::size_of::<kvm_xsave>() / 4;
+    if words.len() <= classic {
+        let mut xsave = kvm_xsave::default();
+        xsave.region[..words.len()].copy_from_slice(&words);
+        // SAFETY: KVM reads at most KVM_CAP_XSAVE2 bytes, and `xsave_size` found that to be no
+        // more than the 4 KiB of `kvm_xsave`.
+        unsafe { fd.set_xsave(&xsave) }.map_err(kvm_err("SET_XSAVE"))
+    } else {
+        let mut xsave = Xsave::new(words.len() - classic).map_err(|e| Fault::Internal(format!("XSAVE buffer: {e:?}")))?;
+        // SAFETY: as in `get_image`: the buffer is as large as KVM_CAP_XSAVE2 says.
+        unsafe {
+            xsave.as_mut_fam_struct().xsave.region.copy_from_slice(&words[..classic]);
+        }
+        xsave.as_mut_slice().copy_from_slice(&words[classic..]);
+        // SAFETY: as above.
+        unsafe { fd.set_xsave2(&xsave) }.map_err(kvm_err("SET_XSAVE2"))
+    }
 }
 
 #[cfg(test)]
@@ -308,6 +502,13 @@ mod tests {
         for (bytes, expected) in [
             (&[0xF0, 0x48, 0x0F, 0xC7, 0x0F][..], Some("cmpxchg16b")),
             (&[0x0F, 0x01, 0xF9], Some("rdtscp")),
+            (&[0x0F, 0x01, 0xD0], Some("xgetbv")),
+            (&[0x0F, 0xAE, 0x27], Some("xsave")),
+            (&[0x48, 0x0F, 0xAE, 0x37], Some("xsaveopt")),
+            (&[0x0F, 0xC7, 0x27], Some("xsavec")),
+            (&[0x0F, 0xC7, 0x2F], Some("xsaves")),
+            (&[0x0F, 0xAE, 0x2E], Some("xrstor")),
+            (&[0x0F, 0xC7, 0x1E], Some("xrstors")),
             (&[0xCC], Some("int3")),
             (&[0xCD, 0x80], Some("int")),
             (&[0xF1], Some("int1")),
