@@ -465,6 +465,75 @@ case_xmm_shared:
         movups  %xmm0, RESULTS + 40     # R5, R6: what the fallback restored, read by KVM
         jmp     pass
 
+# --- case 19: x87 control ---------------------------------------------------------------------
+case_x87:
+        fninit
+        movw    $0x27f, DATA
+        fldcw   DATA
+        fnstcw  DATA + 2
+        movzwl  DATA + 2, %eax
+        R       1, %rax
+        mov     $-1, %rax
+        fnstsw  %ax
+        R       2, %rax
+        fwait
+        finit                           # fwait; fninit
+        fnstcw  DATA + 4
+        movzwl  DATA + 4, %eax
+        R       3, %rax
+        # A pending unmasked zero-divide (FCW 0x37b, FSW ES|B|ZE), loaded with xrstor.
+        ZERO4K  AREA_B
+        movw    $0x37b, AREA_B
+        movw    $0x8084, AREA_B + 2
+        movl    $0x1f80, AREA_B + 24
+        movq    $1, AREA_B + 512
+        XMASK   1
+        xrstor  AREA_B
+        movq    $after_mf, RESUME
+        .globl  mf_site
+mf_site:
+        fwait
+        movq    $2, RESULTS             # not reached
+after_mf:
+        xor     %eax, %eax
+        fnstsw  %ax
+        R       4, %rax
+        fnclex
+        xor     %eax, %eax
+        fnstsw  %ax
+        R       5, %rax
+        fwait                           # nothing pending any more
+        movq    $1, RESULTS
+        jmp     pass
+
+# --- case 20: stac/clac, popcnt, ldmxcsr/stmxcsr ----------------------------------------------
+case_misc:
+        stac
+        pushfq
+        pop     %rax
+        R       1, %rax
+        clac
+        pushfq
+        pop     %rax
+        R       2, %rax
+        mov     $0xF0F0, %eax
+        popcnt  %rax, %rbx
+        R       3, %rbx
+        xor     %eax, %eax
+        popcnt  %rax, %rbx
+        pushfq
+        pop     %rax
+        R       4, %rax
+        movq    $0xF00F, DATA
+        popcnt  DATA, %rcx
+        R       5, %rcx
+        movl    $0x1fc0, DATA
+        ldmxcsr DATA
+        stmxcsr DATA + 4
+        movl    DATA + 4, %eax
+        R       6, %rax
+        jmp     pass
+
 # --- trap handling ----------------------------------------------------------------------------
 # set_gate: IDT[EDI] = interrupt gate to RSI, code selector 0x08, IST EDX.
 set_gate:
@@ -574,6 +643,7 @@ cases:
         .quad   case_unsupported, case_race                                                     # 10-11
         .quad   case_xgetbv, case_xsave_xmm, case_xsave_avx, case_xsaves, case_ud, case_pf      # 12-17
         .quad   case_xmm_shared                                                                 # 18
+        .quad   case_x87, case_misc                                                             # 19-20
         .set    NCASES, (. - cases) / 8
 stubs:
         .irp n,0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,128

@@ -298,3 +298,35 @@ fn kvms_emulator_and_the_fallback_share_the_sse_registers() {
     assert_eq!((run.r[5], run.r[6]), (0x0706_0504_0302_0100, 0), "movups saw the XMM0 xrstor loaded");
 }
 
+#[test]
+fn x87_control_words_and_a_pending_exception() {
+    if !kvm() {
+        return;
+    }
+    let run = run_case(19);
+    passed(&run);
+    assert_eq!(run.r[1], 0x27f, "fldcw then fnstcw");
+    assert_eq!(run.r[2], 0xffff_ffff_ffff_0000, "fnstsw %ax: status 0, the rest of RAX kept");
+    assert_eq!(run.r[3], 0x37f, "finit resets the control word");
+    assert_eq!((run.trap.vector, run.trap.rip), (16, site("mf_site")), "fwait with an unmasked exception pending: #MF");
+    assert_eq!(run.r[4], 0x8084);
+    assert_eq!(run.r[5], 0, "fnclex");
+    assert_eq!((run.r[0], run.trap.count), (1, 1), "the last fwait is quiet");
+    emulated(&run, &["fldcw", "fnstsw", "fwait", "fnclex"]);
+}
+
+#[test]
+fn stac_clac_popcnt_and_mxcsr() {
+    if !kvm() {
+        return;
+    }
+    const AC: u64 = 1 << 18;
+    let run = run_case(20);
+    passed(&run);
+    assert_eq!((run.r[1] & AC, run.r[2] & AC), (AC, 0), "stac sets AC, clac clears it");
+    assert_eq!(run.r[3], 8, "popcnt 0xf0f0");
+    assert_eq!(run.r[4] & 0x8d5, 1 << 6, "popcnt of zero: ZF only");
+    assert_eq!(run.r[5], 8, "popcnt from memory");
+    assert_eq!(run.r[6], 0x1fc0, "ldmxcsr then stmxcsr");
+    emulated(&run, &["stac", "clac", "popcnt", "ldmxcsr", "stmxcsr"]);
+}

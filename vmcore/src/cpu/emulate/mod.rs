@@ -1,6 +1,6 @@
 //! The userspace emulation fallback: when KVM reports that its instruction emulator gave up
 //! (KVM_EXIT_INTERNAL_ERROR, suberror KVM_INTERNAL_ERROR_EMULATION), the instruction is decoded
-//! here, performed on the vCPU's state through KVM's register, XSAVE and XCR ioctls and on
+//! here, performed on the vCPU's state through KVM's register, FPU, XSAVE and XCR ioctls and on
 //! guest memory through the guest's page tables, and the vCPU resumes after it. An instruction
 //! the fallback does not know still ends the run with `emulation_failure`.
 //!
@@ -11,6 +11,7 @@ mod cmpxchg;
 mod deliver;
 mod mmu;
 mod operand;
+mod x87;
 mod xsave;
 
 use std::collections::HashSet;
@@ -76,6 +77,9 @@ impl Exception {
     }
     pub(crate) const fn page_fault(address: u64, code: u32) -> Exception {
         Exception { vector: 14, error_code: Some(code), cr2: Some(address) }
+    }
+    pub(crate) const fn mf() -> Exception {
+        Exception::new(16)
     }
 }
 
@@ -205,6 +209,22 @@ fn name(instr: &Instruction) -> Option<&'static str> {
         Mnemonic::Xsetbv => "xsetbv",
         Mnemonic::Rdtscp => "rdtscp",
         Mnemonic::Rdpid => "rdpid",
+        Mnemonic::Fninit => "fninit",
+        Mnemonic::Finit => "finit",
+        Mnemonic::Wait => "fwait",
+        Mnemonic::Fnstsw => "fnstsw",
+        Mnemonic::Fstsw => "fstsw",
+        Mnemonic::Fnstcw => "fnstcw",
+        Mnemonic::Fstcw => "fstcw",
+        Mnemonic::Fldcw => "fldcw",
+        Mnemonic::Fnclex => "fnclex",
+        Mnemonic::Fclex => "fclex",
+        Mnemonic::Emms => "emms",
+        Mnemonic::Ldmxcsr => "ldmxcsr",
+        Mnemonic::Stmxcsr => "stmxcsr",
+        Mnemonic::Stac => "stac",
+        Mnemonic::Clac => "clac",
+        Mnemonic::Popcnt => "popcnt",
         Mnemonic::Int3 => "int3",
         Mnemonic::Int => "int",
         Mnemonic::Int1 => "int1",
@@ -280,6 +300,31 @@ impl Cx<'_> {
                 write_gpr(&mut self.rf.regs, self.instr.op0_register(), aux);
                 next
             }
+            Mnemonic::Fninit
+            | Mnemonic::Finit
+            | Mnemonic::Wait
+            | Mnemonic::Fnstsw
+            | Mnemonic::Fstsw
+            | Mnemonic::Fnstcw
+            | Mnemonic::Fstcw
+            | Mnemonic::Fldcw
+            | Mnemonic::Fnclex
+            | Mnemonic::Fclex
+            | Mnemonic::Emms
+            | Mnemonic::Ldmxcsr
+            | Mnemonic::Stmxcsr => self.fpu_control().and(next),
+            Mnemonic::Stac | Mnemonic::Clac => {
+                if self.cpl() != 0 {
+                    return Err(Exception::ud().into());
+                }
+                if self.instr.mnemonic() == Mnemonic::Stac {
+                    self.rf.regs.rflags |= RFLAGS_AC;
+                } else {
+                    self.rf.regs.rflags &= !RFLAGS_AC;
+                }
+                next
+            }
+            Mnemonic::Popcnt => self.popcnt().and(next),
             Mnemonic::Int3 => Ok(Done::Interrupt(deliver::SoftInt::Breakpoint)),
             Mnemonic::Int1 => Ok(Done::Interrupt(deliver::SoftInt::Icebp)),
             Mnemonic::Int => Ok(Done::Interrupt(deliver::SoftInt::Int(self.instr.immediate8()))),
@@ -438,6 +483,89 @@ impl Cx<'_> {
         // KVM refuses what the vCPU's CPUID does not offer, as the CPU would with #GP.
         self.fd.set_xcrs(&xcrs).map_err(|_| Fault::Exception(Exception::gp(0)))
     }
+
+    fn fpu_control(&mut self) -> Result<(), Fault> {
+        let (cr0, cr4) = (self.rf.sregs.cr0, self.rf.sregs.cr4);
+        let mut fpu = self.fd.get_fpu().map_err(kvm_err("GET_FPU"))?;
+        let mnemonic = self.instr.mnemonic();
+        // The waiting forms are WAIT followed by the no-wait form.
+        if matches!(mnemonic, Mnemonic::Wait | Mnemonic::Finit | Mnemonic::Fstsw | Mnemonic::Fstcw | Mnemonic::Fclex) {
+            x87::wait(&fpu, cr0)?;
+        }
+        match mnemonic {
+            Mnemonic::Ldmxcsr | Mnemonic::Stmxcsr => x87::sse_available(cr0, cr4)?,
+            Mnemonic::Wait => {}
+            _ => x87::x87_available(cr0)?,
+        }
+        let mut store: Option<Vec<u8>> = None;
+        let mut changed = true;
+        match mnemonic {
+            Mnemonic::Wait => changed = false,
+            Mnemonic::Fninit | Mnemonic::Finit => x87::fninit(&mut fpu),
+            Mnemonic::Fnclex | Mnemonic::Fclex => x87::fnclex(&mut fpu),
+            Mnemonic::Emms => {
+                x87::wait(&fpu, cr0)?;
+                x87::emms(&mut fpu);
+            }
+            Mnemonic::Fnstsw | Mnemonic::Fstsw => {
+                changed = false;
+                if self.instr.op0_kind() == OpKind::Register {
+                    write_gpr(&mut self.rf.regs, self.instr.op0_register(), u64::from(fpu.fsw));
+                } else {
+                    store = Some(fpu.fsw.to_le_bytes().to_vec());
+                }
+            }
+            Mnemonic::Fnstcw | Mnemonic::Fstcw => {
+                changed = false;
+                store = Some(fpu.fcw.to_le_bytes().to_vec());
+            }
+            // KVM_GET_FPU and KVM_SET_FPU leave MXCSR out: it goes through the XSAVE image.
+            Mnemonic::Stmxcsr => {
+                changed = false;
+                store = Some(get_image(self.fd)?[xsave::MXCSR..xsave::MXCSR + 4].to_vec());
+            }
+            Mnemonic::Fldcw => {
+                x87::wait(&fpu, cr0)?;
+                let mut b = [0u8; 2];
+                self.mmu().read(self.address()?, &mut b)?;
+                x87::fldcw(&mut fpu, u16::from_le_bytes(b));
+            }
+            Mnemonic::Ldmxcsr => {
+                changed = false;
+                let mut b = [0u8; 4];
+                self.mmu().read(self.address()?, &mut b)?;
+                x87::ldmxcsr(&mut fpu, u32::from_le_bytes(b))?;
+                let mut image = get_image(self.fd)?;
+                xsave::set_mxcsr(&mut image, fpu.mxcsr);
+                set_image(self.fd, &image)?;
+            }
+            _ => return Err(Fault::Unsupported("not an FPU control instruction".into())),
+        }
+        if let Some(bytes) = store {
+            self.mmu().write(self.address()?, &bytes)?;
+        }
+        if changed {
+            self.fd.set_fpu(&fpu).map_err(kvm_err("SET_FPU"))?;
+        }
+        Ok(())
+    }
+
+    fn popcnt(&mut self) -> Result<(), Fault> {
+        let size = self.instr.op0_register().size();
+        let value = if self.instr.op1_kind() == OpKind::Register {
+            precise::read_gpr(&self.rf.regs, self.instr.op1_register())
+        } else {
+            let mut b = [0u8; 8];
+            self.mmu().read(self.address()?, &mut b[..size])?;
+            u64::from_le_bytes(b)
+        };
+        let count = u64::from(value.count_ones());
+        write_gpr(&mut self.rf.regs, self.instr.op0_register(), count);
+        // ZF if the source is zero; OF, SF, AF, CF and PF cleared.
+        const FLAGS: u64 = 0x8D5; // CF PF AF ZF SF OF
+        self.rf.regs.rflags = (self.rf.regs.rflags & !FLAGS) | if value == 0 { 1 << 6 } else { 0 };
+        Ok(())
+    }
 }
 
 /// The size of KVM's XSAVE buffer: KVM_CAP_XSAVE2 on the system (an upper bound for every VM),
@@ -509,12 +637,27 @@ mod tests {
             (&[0x0F, 0xC7, 0x2F], Some("xsaves")),
             (&[0x0F, 0xAE, 0x2E], Some("xrstor")),
             (&[0x0F, 0xC7, 0x1E], Some("xrstors")),
+            (&[0x9B], Some("fwait")),
+            (&[0xDF, 0xE0], Some("fnstsw")),
+            (&[0xD9, 0x2F], Some("fldcw")),
+            (&[0xDB, 0xE2], Some("fnclex")),
             (&[0xCC], Some("int3")),
             (&[0xCD, 0x80], Some("int")),
             (&[0xF1], Some("int1")),
+            (&[0x0F, 0x01, 0xCB], Some("stac")),
             (&[0x66, 0x0F, 0x38, 0xDC, 0xC1], None), // aesenc
         ] {
             assert_eq!(name(&decode(bytes, 64)), expected, "{bytes:02x?}");
+        }
+    }
+
+    #[test]
+    fn wait_is_emulated_alone_and_the_no_wait_form_then_runs_natively() {
+        // Linux's `fwait; fninit` (9b db e3): the decoder splits off the WAIT, so the fallback
+        // performs its checks and KVM runs the FNINIT that follows.
+        for bytes in [&[0x9B, 0xDB, 0xE3][..], &[0x9B, 0xEB, 0x43]] {
+            let i = decode(bytes, 64);
+            assert_eq!((i.mnemonic(), i.len()), (Mnemonic::Wait, 1));
         }
     }
 }

@@ -13,7 +13,7 @@ use super::Exception;
 /// The legacy region (FXSAVE layout) and the XSAVE header that follows it.
 pub(crate) const HEADER: usize = 512;
 pub(crate) const EXTENDED: usize = 576;
-const MXCSR: usize = 24;
+pub(crate) const MXCSR: usize = 24;
 const MXCSR_MASK: usize = 28;
 const XMM: usize = 160;
 pub(crate) const X87: u64 = 1 << 0;
@@ -117,6 +117,14 @@ fn bit(mask: u64, i: usize) -> bool {
 /// XSTATE_BV of a standard-format image (what KVM reports as in use: XINUSE).
 pub(crate) fn xstate_bv(image: &[u8]) -> u64 {
     u64::from_le_bytes(image[HEADER..HEADER + 8].try_into().expect("8 bytes"))
+}
+
+/// Stores MXCSR in `image`, marking SSE state in use: KVM takes MXCSR from an image only with
+/// SSE or AVX in XSTATE_BV (and SSE in its initial state would reset it to 0x1F80).
+pub(crate) fn set_mxcsr(image: &mut [u8], mxcsr: u32) {
+    image[MXCSR..MXCSR + 4].copy_from_slice(&mxcsr.to_le_bytes());
+    let bv = xstate_bv(image) | SSE;
+    image[HEADER..HEADER + 8].copy_from_slice(&bv.to_le_bytes());
 }
 
 /// The x87 part of the legacy region in its initial state: FCW 0x37F, everything else zero.
@@ -232,8 +240,7 @@ pub(crate) fn restore(
         image[MXCSR..MXCSR + 4].copy_from_slice(&MXCSR_INIT.to_le_bytes());
     }
     let mut new_bv = xstate_bv(image);
-    // What the loop below does to SSE state must not lose a loaded MXCSR: KVM takes MXCSR
-    // only with SSE or AVX in XSTATE_BV, and SSE in its initial state resets it to 0x1F80.
+    // What the loop below does to SSE state must not lose a loaded MXCSR (see `set_mxcsr`).
     let keep_mxcsr = load_mxcsr && u32::from_le_bytes(image[MXCSR..MXCSR + 4].try_into().expect("4 bytes")) != MXCSR_INIT;
     for i in 0..63 {
         if !bit(rfbm, i) || (i >= 2 && layout.size[i] == 0) {
@@ -449,6 +456,9 @@ mod tests {
         assert_eq!(img[MXCSR..MXCSR + 4], 0x1FC0u32.to_le_bytes());
         assert!(img[XMM..XMM + 256].iter().all(|&b| b == 0), "XMM registers initialized");
         assert_eq!(xstate_bv(&img), 0b110, "SSE stays marked so KVM keeps MXCSR");
+        let mut img = image(0);
+        set_mxcsr(&mut img, 0x9FC0);
+        assert_eq!((img[MXCSR..MXCSR + 4].to_vec(), xstate_bv(&img)), (0x9FC0u32.to_le_bytes().to_vec(), SSE));
     }
 
     #[test]
