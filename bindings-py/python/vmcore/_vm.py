@@ -641,8 +641,9 @@ class Vm:
         """Exit counters: ``exits`` by reason, ``exits_total``, ``ports`` (port exits by port),
         unhandled port and MMIO accesses by port or address (unhandled reads return all-ones,
         writes are dropped), ``msr_reads``/``msr_writes`` by index, ``cpuid_leaves`` and
-        ``cr_accesses`` emulated by precise mode, ``hook_events`` by kind, ``hook_calls`` and
-        ``hook_seconds`` (time spent in hooks)."""
+        ``cr_accesses`` emulated by precise mode, ``emulated`` (instructions KVM's emulator
+        could not run and vmcore emulated instead, by mnemonic: ``xsave``, ``int3``, ...),
+        ``hook_events`` by kind, ``hook_calls`` and ``hook_seconds`` (time spent in hooks)."""
         return self._native.stats()
 
     def __repr__(self) -> str:

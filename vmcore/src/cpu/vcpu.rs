@@ -9,6 +9,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{SyncReg, VcpuFd, VmFd};
 
+use super::emulate::{self, Fallback};
 use super::exit::{call_hooks, complete, dispatch, hooked, Exit, Flow, MsrAccess};
 use super::precise::{self, Intercept, PreciseMode};
 use super::sites::Sites;
@@ -312,6 +313,16 @@ impl Vcpu {
                             Emulated::End(outcome) => return Some(vcpu.locate(outcome)),
                             Emulated::NotHooked => {}
                         }
+                    }
+                    // Instructions KVM's emulator gives up on (hosts that emulate kernel code).
+                    let Vcpu { fd, cpuid, .. } = &mut *vcpu;
+                    match emulate::emulate(fd, cpuid, env.ram, env.stats) {
+                        Fallback::Done => {
+                            synced = false;
+                            continue;
+                        }
+                        Fallback::End(outcome) => return Some(vcpu.locate(outcome)),
+                        Fallback::Unsupported => {}
                     }
                     let outcome = vcpu.internal_error(env.ram);
                     return Some(vcpu.locate(outcome));
@@ -638,7 +649,7 @@ impl MsrAccess for LockedMsrs<'_> {
 
 /// Reads up to 15 instruction bytes at the vCPU's RIP; fewer where the code ends at an
 /// unmapped page.
-fn fetch_code(ram: &GuestRam, rf: &RegisterFile, buf: &mut [u8; 15]) -> usize {
+pub(super) fn fetch_code(ram: &GuestRam, rf: &RegisterFile, buf: &mut [u8; 15]) -> usize {
     let ctx = rf.paging();
     let linear = rf.linear_rip();
     if paging::read_virt(ram, &ctx, linear, buf).is_ok() {
