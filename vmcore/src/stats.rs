@@ -26,6 +26,10 @@ pub struct ExitStats {
     /// Instructions KVM's emulator failed on that vmcore emulated instead, by mnemonic
     /// (`cmpxchg16b`, `xsave`, `rdtscp`, `int3`, ...).
     pub emulated: BTreeMap<&'static str, u64>,
+    /// Time the vCPU threads spent in userspace between KVM_RUN calls (exit handling, hooks
+    /// and emulation included), and the part of it spent emulating.
+    pub handling_time: Duration,
+    pub emulation_time: Duration,
     /// Hook calls, by event kind, and the time spent in hooks.
     pub hook_events: BTreeMap<&'static str, u64>,
     pub hook_calls: u64,
@@ -57,6 +61,8 @@ impl ExitStats {
         add(&mut self.emulated, &other.emulated);
         self.hook_calls += other.hook_calls;
         self.hook_time += other.hook_time;
+        self.handling_time += other.handling_time;
+        self.emulation_time += other.emulation_time;
     }
 
     /// All exits, kicks included.

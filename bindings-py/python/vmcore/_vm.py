@@ -643,7 +643,9 @@ class Vm:
         writes are dropped), ``msr_reads``/``msr_writes`` by index, ``cpuid_leaves`` and
         ``cr_accesses`` emulated by precise mode, ``emulated`` (instructions KVM's emulator
         could not run and vmcore emulated instead, by mnemonic: ``xsave``, ``int3``, ...),
-        ``hook_events`` by kind, ``hook_calls`` and ``hook_seconds`` (time spent in hooks)."""
+        ``hook_events`` by kind, ``hook_calls`` and ``hook_seconds`` (time spent in hooks),
+        ``handling_seconds`` (vCPU threads' time in userspace between KVM_RUN calls, summed over
+        vCPUs) and ``emulation_seconds`` (the part of it spent emulating instructions)."""
         return self._native.stats()
 
     def __repr__(self) -> str:

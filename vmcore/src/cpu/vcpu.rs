@@ -1,5 +1,6 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
+use std::time::Instant;
 
 use kvm_bindings::{
     kvm_guest_debug, kvm_msr_entry, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_GUESTDBG_ENABLE,
@@ -206,6 +207,8 @@ impl Vcpu {
         // with single-step off; it can only be woken by NMI or INIT, and the next real exit
         // arms single-step again.
         let mut halting = false;
+        // When the last KVM_RUN returned, for the time spent handling exits.
+        let mut exited_at: Option<Instant> = None;
         loop {
             if env.stop.load(Ordering::Acquire) {
                 return None;
@@ -243,7 +246,12 @@ impl Vcpu {
                 }
             }
             let has_sync_regs = vcpu.sync_regs;
-            let exit = match vcpu.fd.run() {
+            if let Some(at) = exited_at.take() {
+                lock(env.stats).handling_time += at.elapsed();
+            }
+            let ran = vcpu.fd.run();
+            exited_at = Some(Instant::now());
+            let exit = match ran {
                 Ok(exit) => {
                     env.status.exits.fetch_add(1, Ordering::Relaxed);
                     env.status.parked.store(false, Ordering::Relaxed);
@@ -316,7 +324,10 @@ impl Vcpu {
                     }
                     // Instructions KVM's emulator gives up on (hosts that emulate kernel code).
                     let Vcpu { fd, cpuid, .. } = &mut *vcpu;
-                    match emulate::emulate(fd, cpuid, env.ram, env.stats) {
+                    let started = Instant::now();
+                    let fallback = emulate::emulate(fd, cpuid, env.ram, env.stats);
+                    lock(env.stats).emulation_time += started.elapsed();
+                    match fallback {
                         Fallback::Done => {
                             synced = false;
                             continue;
