@@ -78,6 +78,7 @@ class NativeVm:
         cmdline: str,
         protocol: str,
         decompress: bool,
+        adapt_to_host: bool,
     ) -> Dict[str, Any]: ...
     def add_fw_cfg_file(self, name: str, data: bytes) -> None: ...
     def load_kernel(
