@@ -31,13 +31,15 @@ pub fn kvm_flavour() -> &'static str {
 /// VT-x/AMD-V.
 ///
 /// On kvm_pvm, KVM's emulator runs kernel code and fails on SIMD instructions beyond plain SSE
-/// moves. `noxsave` keeps Linux's AVX and AVX-512 paths off (and makes its context switches use
-/// FXSAVE, which KVM runs, instead of XSAVES, which vmcore would emulate at every switch);
-/// `clearcpuid=137` (X86_FEATURE_SSSE3) keeps its RNG's built-in BLAKE2s on the generic code
-/// instead of the SSSE3 one. Userspace still sees and uses every feature: it runs natively.
+/// moves, and on a few others vmcore then emulates at some 20 µs each. `noxsave` keeps Linux's
+/// AVX and AVX-512 paths off (and makes its context switches use FXSAVE, which KVM runs,
+/// instead of XSAVES); `clearcpuid=` takes away SSSE3 (137: its RNG's BLAKE2s would run SSSE3
+/// code), CX16 (141: SLUB would use CMPXCHG16B on every allocation) and SMAP (308: STAC/CLAC
+/// around every user-memory access). Userspace still sees and uses every feature: it runs
+/// natively.
 pub fn linux_cmdline_adaptations() -> &'static str {
     if kvm_flavour() == "kvm_pvm" {
-        "noxsave clearcpuid=137"
+        "noxsave clearcpuid=137,141,308"
     } else {
         ""
     }
