@@ -17,6 +17,7 @@
 mod args;
 mod fail;
 mod hooks;
+mod logs;
 mod native;
 
 use mlua::{Lua, Table};
@@ -28,6 +29,7 @@ const TESTING: &str = include_str!("testing.lua");
 
 #[mlua::lua_module]
 fn vmcore(lua: &Lua) -> mlua::Result<Table> {
+    logs::install();
     let native = native::module(lua)?;
     lua.load(FACADE).set_name("=vmcore.lua").call(native)
 }

@@ -424,6 +424,13 @@ pub(crate) fn module(lua: &Lua) -> mlua::Result<Table> {
             reply(lua, parsed)
         })?,
     )?;
+    t.set(
+        "set_log_level",
+        lua.create_function(|lua, level: Value| -> mlua::Result<MultiValue> {
+            reply(lua, args::text(&level, "level").and_then(|l| crate::logs::set_level(&l)))
+        })?,
+    )?;
+    t.set("logs", lua.create_function(|lua, ()| crate::logs::take(lua))?)?;
     t.set("REGISTER_NAMES", lua.create_sequence_from(vmcore::cpu::REGISTER_NAMES.iter().copied())?)?;
     t.set("version", env!("CARGO_PKG_VERSION"))?;
     // A monotonic wall clock in seconds (Lua's own os.clock is CPU time), for timing runs.

@@ -29,6 +29,16 @@ local M = {
   monotonic = native.monotonic,
 }
 
+--- The most detailed level of the core's log records to keep: "off", "error", "warn" (the
+--- default, or $VMCORE_LOG), "info", "debug" or "trace".
+function M.set_log_level(level)
+  return check(native.set_log_level(level))
+end
+
+--- Takes the log records kept since the last call: a list of {level=, target=, message=},
+--- oldest first, and the number dropped because the queue (10,000) was full.
+M.logs = native.logs
+
 --- Parses "64M"-style sizes exactly as vmcore.Vm{memory=...} does; returns bytes.
 function M.parse_memory_size(text)
   return check(native.parse_memory_size(text))
