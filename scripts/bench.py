@@ -258,7 +258,7 @@ def vmcore_linux_boot(marker: str) -> Dict[str, float]:
     vm = vmcore.Vm(memory="256M", vcpus=2)
     try:
         t0 = time.perf_counter()
-        vm.load_linux(linux / "vmlinuz", linux / "initramfs.cpio.gz", cmdline="console=ttyS0")
+        vm.load_linux(linux / "vmlinuz", linux / "initramfs.cpio", cmdline="console=ttyS0")
         vm.start(timeout=1800)
         vm.console.expect(marker, timeout=1800)
         wall = time.perf_counter() - t0
@@ -280,7 +280,7 @@ def vmcore_linux_boot(marker: str) -> Dict[str, float]:
 def linux(runs: int, as_json: bool, qemu_kvm_timeout: float) -> int:
     import qemu_linux
 
-    if not (ROOT / "target" / "linux" / "initramfs.cpio.gz").is_file():
+    if not (ROOT / "target" / "linux" / "initramfs.cpio").is_file():
         print("no Linux guest in target/linux: run scripts/linux-guest", file=sys.stderr)
         return 1
     ours = [vmcore_linux_boot(qemu_linux.MARKER) for _ in range(runs)]

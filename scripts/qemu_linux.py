@@ -46,7 +46,7 @@ class GuestTimeout(Exception):
 
 
 def qemu_command(accel: str = "tcg", smp: int = 2, memory: str = "256M", machine: str = "pc",
-                 append: str = "", kernel: Path = GUEST / "vmlinuz", initrd: Path = GUEST / "initramfs.cpio.gz",
+                 append: str = "", kernel: Path = GUEST / "vmlinuz", initrd: Path = GUEST / "initramfs.cpio",
                  interactive: bool = False) -> List[str]:
     cmdline = " ".join(part for part in (BASE_APPEND, append) if part)
     return [QEMU, "-accel", accel, "-M", machine, "-m", memory, "-smp", str(smp), "-nodefaults", "-no-user-config",
@@ -168,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--interactive", action="store_true", help="hand the console to this terminal")
     args = parser.parse_args(argv)
 
-    for needed in (GUEST / "vmlinuz", GUEST / "initramfs.cpio.gz"):
+    for needed in (GUEST / "vmlinuz", GUEST / "initramfs.cpio"):
         if not needed.exists():
             print(f"{needed} is missing: run scripts/linux-guest", file=sys.stderr)
             return 2

@@ -19,7 +19,7 @@ sys.modules["qemu_linux"] = qemu_linux
 SPEC.loader.exec_module(qemu_linux)
 
 pytestmark = [
-    pytest.mark.skipif(not (GUEST / "initramfs.cpio.gz").exists(), reason="the Linux guest is not built "
+    pytest.mark.skipif(not (GUEST / "initramfs.cpio").exists(), reason="the Linux guest is not built "
                        "(scripts/linux-guest)"),
     pytest.mark.skipif(shutil.which(qemu_linux.QEMU) is None, reason=f"{qemu_linux.QEMU} is not installed "
                        "(Debian package qemu-system-x86; scripts/qemu-linux installs it)"),

@@ -33,7 +33,7 @@ def test_notebooks_execute(path, tmp_path, guests):
     # The notebooks find target/guests by walking up from where they run.
     (tmp_path / "target").symlink_to(guests.dir.parent)
     nb = nbformat.read(work / path.name, as_version=4)
-    if path.name == "boot-linux.ipynb" and not (guests.dir.parent / "linux" / "initramfs.cpio.gz").is_file():
+    if path.name == "boot-linux.ipynb" and not (guests.dir.parent / "linux" / "initramfs.cpio").is_file():
         pytest.skip("no Linux guest in target/linux: run scripts/linux-guest")
     nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(work)}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]

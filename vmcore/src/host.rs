@@ -27,8 +27,8 @@ pub fn kvm_flavour() -> &'static str {
 }
 
 /// Linux command-line parameters that keep a guest kernel off instructions this host's KVM
-/// cannot run in kernel mode and vmcore does not emulate; empty where KVM runs guest code on
-/// VT-x/AMD-V.
+/// cannot run in kernel mode and vmcore does not emulate, and off boot work that takes minutes
+/// where kernel code is emulated; empty where KVM runs guest code on VT-x/AMD-V.
 ///
 /// On kvm_pvm, KVM's emulator runs kernel code and fails on SIMD instructions beyond plain SSE
 /// moves, and on a few others vmcore then emulates at some 20 µs each. `noxsave` keeps Linux's
@@ -36,10 +36,13 @@ pub fn kvm_flavour() -> &'static str {
 /// instead of XSAVES); `clearcpuid=` takes away SSSE3 (137: its RNG's BLAKE2s would run SSSE3
 /// code), CX16 (141: SLUB would use CMPXCHG16B on every allocation) and SMAP (308: STAC/CLAC
 /// around every user-memory access). Userspace still sees and uses every feature: it runs
-/// natively.
+/// natively. `initcall_blacklist=` skips ftrace's check of its 40,000 call sites against
+/// kallsyms (ten minutes here, for weak functions nobody traces in a test VM) and the loading
+/// of the kernel's built-in X.509 certificates (a minute, ending in a timeout; unsigned modules
+/// still load, with a taint).
 pub fn linux_cmdline_adaptations() -> &'static str {
     if kvm_flavour() == "kvm_pvm" {
-        "noxsave clearcpuid=137,141,308"
+        "noxsave clearcpuid=137,141,308 initcall_blacklist=ftrace_check_for_weak_functions,load_system_certificate_list"
     } else {
         ""
     }

@@ -415,9 +415,11 @@ class Vm:
         on hosts that emulate guest kernel code. ``protocol="auto"`` enters through PVH when the
         kernel carries a PVH note and through the 64-bit boot protocol otherwise; ``"pvh"`` and
         ``"linux64"`` insist on one. With ``adapt_to_host`` (the default), parameters that keep
-        the kernel off instructions this host's KVM cannot run in kernel mode are appended (on
-        kvm_pvm hosts ``noxsave clearcpuid=137,141,308``: no AVX, SSSE3, CX16 or SMAP in the kernel; nothing on VT-x/AMD-V); the final command line
-        is in the result's ``cmdline``. The memory map, ACPI tables and command line are what a PC
+        the kernel off instructions this host's KVM cannot run in kernel mode, and off boot work
+        that takes minutes where kernel code is emulated, are appended (on kvm_pvm hosts
+        ``noxsave clearcpuid=137,141,308`` and an ``initcall_blacklist=``; nothing on
+        VT-x/AMD-V; see ``docs/host.md``); the final command line is in the result's
+        ``cmdline``. The memory map, ACPI tables and command line are what a PC
         firmware and boot loader would hand over. Raises :class:`~vmcore.LoadError` for a file
         that is not a Linux kernel, is truncated, or does not fit in the VM's memory.
         """

@@ -15,11 +15,11 @@ Fixtures:
     A :class:`vmcore.Vm` that has booted a Linux kernel with its initrd to the point where the
     console shows the ready pattern (``vmcore: init reached``, which the initramfs from
     ``scripts/linux-guest`` prints). Configure it with ``@pytest.mark.linux(vcpus=2,
-    memory="256M", cmdline="console=ttyS0", ready=..., boot_timeout=900)``; ``ready=None``
+    memory="256M", cmdline="console=ttyS0", ready=..., boot_timeout=1800)``; ``ready=None``
     returns as soon as the kernel starts. The kernel and initrd come from the environment
     (``VMCORE_LINUX_KERNEL``, ``VMCORE_LINUX_INITRD``), the ini options ``vmcore_linux_kernel``
     and ``vmcore_linux_initrd``, or ``target/linux/vmlinuz`` and
-    ``target/linux/initramfs.cpio.gz`` under the rootdir; the test is skipped, saying where it
+    ``target/linux/initramfs.cpio`` under the rootdir; the test is skipped, saying where it
     looked, when they are not there.
 """
 
@@ -48,7 +48,7 @@ LINUX_READY = "vmcore: init reached"
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("vmcore_linux_kernel", "Linux kernel for the linux_vm fixture (default target/linux/vmlinuz)", default="")
     parser.addini(
-        "vmcore_linux_initrd", "initrd for the linux_vm fixture (default target/linux/initramfs.cpio.gz)", default=""
+        "vmcore_linux_initrd", "initrd for the linux_vm fixture (default target/linux/initramfs.cpio)", default=""
     )
 
 
@@ -95,7 +95,7 @@ def vm(request: pytest.FixtureRequest, vm_factory: Callable[..., vmcore.Vm]) -> 
 
 def linux_guest_path(config: pytest.Config, what: str) -> Path:
     """Where the ``linux_vm`` fixture finds its kernel (``what="kernel"``) or initrd."""
-    default = {"kernel": "target/linux/vmlinuz", "initrd": "target/linux/initramfs.cpio.gz"}[what]
+    default = {"kernel": "target/linux/vmlinuz", "initrd": "target/linux/initramfs.cpio"}[what]
     chosen = os.environ.get(f"VMCORE_LINUX_{what.upper()}") or str(config.getini(f"vmcore_linux_{what}"))
     path = Path(chosen or default)
     return path if path.is_absolute() else Path(config.rootpath) / path
@@ -121,7 +121,7 @@ def linux_vm(request: pytest.FixtureRequest, vm_factory: Callable[..., vmcore.Vm
     machine.start()
     ready: Optional[str] = options.get("ready", LINUX_READY)
     if ready is not None:
-        machine.console.expect(ready, timeout=float(options.get("boot_timeout", 900)))
+        machine.console.expect(ready, timeout=float(options.get("boot_timeout", 1800)))
     return machine
 
 
