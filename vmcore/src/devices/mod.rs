@@ -3,9 +3,11 @@
 pub mod acpi;
 pub mod cmos;
 pub mod fw_cfg;
+pub mod mmio;
 mod debug_exit;
 mod serial;
 
+pub use mmio::{MmioBus, MmioDevice};
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
 pub use serial::{SerialPort, COM1_IRQ, COM1_PORT};
 

@@ -28,7 +28,7 @@ use crate::cpu::sites::Sites;
 use crate::cpu::{cpuid, kick, PreciseMode, RegisterFile, Vcpu, VcpuStatus, MAX_BREAKPOINTS};
 use crate::devices::cmos::{self, Cmos, CMOS_PORT};
 use crate::devices::fw_cfg::{FwCfg, FW_CFG_PORT, FW_CFG_PORTS};
-use crate::devices::{acpi, lock, DebugExit, IoBus, IrqLine, SerialPort, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
+use crate::devices::{acpi, lock, DebugExit, IoBus, MmioBus, IrqLine, SerialPort, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
 use crate::hooks::{Event, EventKind, HookFn, HookId, Hooks, Trigger};
 use crate::memory::{GuestRam, MMIO_HOLE_START};
 use crate::outcome::{ExitReason, Outcome};
@@ -163,6 +163,7 @@ impl VmBuilder {
             stats: (0..count).map(|_| Mutex::default()).collect(),
             vm_fd,
             io,
+            mmio: MmioBus::default(),
             fw_cfg,
             hooks: Hooks::default(),
             console,
@@ -221,6 +222,7 @@ pub(crate) struct Machine {
     stats: Vec<Mutex<ExitStats>>,
     vm_fd: VmFd,
     io: IoBus,
+    mmio: MmioBus,
     fw_cfg: Arc<Mutex<FwCfg>>,
     hooks: Hooks,
     console: Console,
