@@ -4,6 +4,7 @@ pub mod acpi;
 pub mod cmos;
 pub mod fw_cfg;
 pub mod mmio;
+pub mod virtio;
 mod debug_exit;
 mod serial;
 
