@@ -19,7 +19,7 @@ use kvm_bindings::{
     KVM_CAP_X86_USER_SPACE_MSR, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_INVAL,
     KVM_MSR_EXIT_REASON_UNKNOWN, KVM_MSR_FILTER_MAX_RANGES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 
 use crate::boot::{self, bios, CodeRange, CpuMode, EntryPoint, LinuxKernel, LinuxOptions, LinuxProtocol, LoadedImage, Module};
 use crate::console::{Console, Tee};
@@ -28,6 +28,8 @@ use crate::cpu::sites::Sites;
 use crate::cpu::{cpuid, kick, PreciseMode, RegisterFile, Vcpu, VcpuStatus, MAX_BREAKPOINTS};
 use crate::devices::cmos::{self, Cmos, CMOS_PORT};
 use crate::devices::fw_cfg::{FwCfg, FW_CFG_PORT, FW_CFG_PORTS};
+use crate::devices::virtio::block::{Block, DiskOptions};
+use crate::devices::virtio::{self, VirtioDevice, VirtioInfo, VirtioMmio, Worker};
 use crate::devices::{acpi, lock, DebugExit, IoBus, MmioBus, IrqLine, SerialPort, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
 use crate::hooks::{Event, EventKind, HookFn, HookId, Hooks, Trigger};
 use crate::memory::{GuestRam, MMIO_HOLE_START};
@@ -167,6 +169,7 @@ impl VmBuilder {
             fw_cfg,
             hooks: Hooks::default(),
             console,
+            virtio: Mutex::new(Vec::new()),
             ram,
             stop: AtomicBool::new(false),
             run: Mutex::new(RunState { phase: Phase::Empty, has_run: false, end: None, alive: 0 }),
@@ -226,6 +229,8 @@ pub(crate) struct Machine {
     fw_cfg: Arc<Mutex<FwCfg>>,
     hooks: Hooks,
     console: Console,
+    /// Virtio devices; dropping one stops and joins its worker thread.
+    virtio: Mutex<Vec<VirtioSlot>>,
     ram: GuestRam,
     /// Tells vCPU loops to return; set with `run.end`.
     stop: AtomicBool,
@@ -296,6 +301,14 @@ impl Machine {
         drop(st);
         self.changed.notify_all();
     }
+}
+
+/// A virtio device of the VM. Field order is drop order: the worker stops before the transport
+/// (and the files and eventfds it holds) goes.
+struct VirtioSlot {
+    _worker: Worker,
+    info: VirtioInfo,
+    _transport: Arc<Mutex<VirtioMmio>>,
 }
 
 /// A virtual machine. All methods take `&self`: a `Vm` can be shared between the thread that
@@ -423,6 +436,60 @@ impl Vm {
         let initrd = initrd.map(read_file).transpose()?;
         let opts = LinuxOptions { cmdline, initrd: initrd.as_deref(), protocol, decompress_on_host };
         self.load_linux_bytes(&image, &kernel.display().to_string(), &opts)
+    }
+
+    /// Attaches a raw disk image as a virtio-blk device (before the first run). `serial` (at most
+    /// 20 bytes) is what the guest reads as the disk's ID.
+    pub fn add_disk(&self, path: &Path, readonly: bool, serial: Option<&str>) -> Result<VirtioInfo> {
+        let options = DiskOptions { readonly, serial: serial.map(str::to_string) };
+        self.add_virtio(Box::new(Block::open(path, &options)?))
+    }
+
+    /// The VM's virtio devices, in the order they were added.
+    pub fn virtio_devices(&self) -> Vec<VirtioInfo> {
+        lock(&self.machine.virtio).iter().map(|s| s.info.clone()).collect()
+    }
+
+    /// Puts `device` on the MMIO bus behind a virtio-mmio transport: the next free window and GSI,
+    /// an irqfd for its interrupt, an ioeventfd per queue on QueueNotify, a worker thread.
+    fn add_virtio(&self, device: Box<dyn VirtioDevice>) -> Result<VirtioInfo> {
+        {
+            let st = lock(&self.machine.run);
+            if st.has_run || matches!(st.phase, Phase::Running) {
+                return Err(Error::State("virtio devices must be added before the VM first runs".into()));
+            }
+        }
+        let mut slots = lock(&self.machine.virtio);
+        let index = slots.len();
+        if index >= virtio::MAX_DEVICES {
+            return Err(Error::Config(format!("at most {} virtio devices per VM", virtio::MAX_DEVICES)));
+        }
+        let base = virtio::MMIO_BASE + index as u64 * virtio::MMIO_STRIDE;
+        let gsi = virtio::FIRST_GSI + index as u32;
+        let info = VirtioInfo { index, device_type: device.device_type(), base, gsi, description: device.describe() };
+        let transport = Arc::new(Mutex::new(VirtioMmio::new(device, self.machine.ram.guest_memory().clone(), IrqLine::new()?)?));
+        let worker = Worker::spawn(format!("vmcore-virtio{index}"), transport.clone())?;
+        let vm = &self.machine.vm_fd;
+        let notify = IoEventAddress::Mmio(base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY));
+        {
+            let t = lock(&transport);
+            let irq = t.irq().eventfd();
+            vm.register_irqfd(irq, gsi).map_err(Error::kvm("IRQFD(virtio)"))?;
+            let notifiers = t.notifiers();
+            for (i, n) in notifiers.iter().enumerate() {
+                if let Err(e) = vm.register_ioevent(n, &notify, i as u32) {
+                    for (j, done) in notifiers[..i].iter().enumerate() {
+                        let _ = vm.unregister_ioevent(done, &notify, j as u32);
+                    }
+                    let _ = vm.unregister_irqfd(irq, gsi);
+                    return Err(Error::Kvm { op: "IOEVENTFD(virtio)", source: e });
+                }
+            }
+        }
+        self.machine.mmio.insert(base, virtio::MMIO_SIZE, transport.clone())?;
+        log::debug!("added {} as virtio-mmio device {index} at {base:#x}, GSI {gsi}", info.description);
+        slots.push(VirtioSlot { _worker: worker, info: info.clone(), _transport: transport });
+        Ok(info)
     }
 
     /// Adds a named file to fw_cfg (like QEMU's `-fw_cfg name=...`).

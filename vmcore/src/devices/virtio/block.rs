@@ -62,7 +62,7 @@ impl Block {
             .metadata()
             .map_err(|e| Error::Io { context: format!("cannot size disk image {}", path.display()), source: e })?
             .len();
-        if bytes % SECTOR_SIZE != 0 {
+        if !bytes.is_multiple_of(SECTOR_SIZE) {
             log::warn!(
                 "disk image {} is {bytes} bytes, not a whole number of 512-byte sectors: the last {} bytes are not visible",
                 path.display(),
@@ -195,7 +195,7 @@ impl Block {
     fn span(&self, sector: u64, len: u64) -> Result<u64, u32> {
         let end = sector.checked_mul(SECTOR_SIZE).and_then(|at| at.checked_add(len));
         match end {
-            Some(end) if len % SECTOR_SIZE == 0 && end <= self.capacity * SECTOR_SIZE => Ok(sector * SECTOR_SIZE),
+            Some(end) if len.is_multiple_of(SECTOR_SIZE) && end <= self.capacity * SECTOR_SIZE => Ok(sector * SECTOR_SIZE),
             _ => {
                 log::warn!(
                     "{}: request for {len} bytes at sector {sector} is not whole sectors inside the disk ({} sectors)",

@@ -312,7 +312,7 @@ impl MmioDevice for VirtioMmio {
         }
         // Registers are 32 bits wide and read as such (4.2.2.2); other accesses read zero.
         data.fill(0);
-        if data.len() == 4 && offset % 4 == 0 {
+        if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.register(offset as u32).to_le_bytes());
         }
     }
@@ -321,7 +321,7 @@ impl MmioDevice for VirtioMmio {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
             self.device.write_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
             self.config_generation = self.config_generation.wrapping_add(1);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
             self.set_register(offset as u32, value);
         } else {
