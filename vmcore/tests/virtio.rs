@@ -204,3 +204,28 @@ fn devices_are_added_before_the_first_run_only() {
     }
     assert_eq!(vm.add_disk(&img.0, true, None).unwrap_err().kind(), "ConfigError");
 }
+
+#[test]
+fn a_guest_gets_random_bytes_from_virtio_rng() {
+    if !kvm() {
+        return;
+    }
+    let vm = small_vm();
+    let rng = vm.add_rng().unwrap();
+    assert_eq!(rng.kind(), "rng");
+    let mut s = Script::default();
+    let device_id = s.read(rng.base + 8);
+    bring_up(&mut s, rng.base, 0);
+    s.write(rng.base + 0x50, 0);
+    s.wait16(rings(0).2 + 2, 1);
+    s.load(&vm);
+    desc(&vm, 0, 0, DATA, 256, 2, 0);
+    vm.write_phys(rings(0).1 + 2, &1u16.to_le_bytes()).unwrap();
+    vm.load_flat(&guest("mmio-script.bin"), 0x100000, CpuMode::Long).unwrap();
+    let o = vm.run(Some(Duration::from_secs(20))).unwrap();
+    assert_eq!(o.reason, ExitReason::DebugExit, "{o}");
+    assert_eq!(script_value(&vm, device_id), 4);
+    assert_eq!(vm.read_phys(rings(0).2 + 8, 4).unwrap(), 256u32.to_le_bytes());
+    let bytes = vm.read_phys(DATA, 256).unwrap();
+    assert!(bytes.iter().filter(|&&b| b == 0).count() < 32, "random, not zeros");
+}

@@ -445,6 +445,11 @@ impl Vm {
         self.add_virtio(Box::new(Block::open(path, &options)?))
     }
 
+    /// Adds a virtio-rng device (entropy from the host's getrandom), before the first run.
+    pub fn add_rng(&self) -> Result<VirtioInfo> {
+        self.add_virtio(Box::new(virtio::rng::Rng::new()))
+    }
+
     /// The VM's virtio devices, in the order they were added.
     pub fn virtio_devices(&self) -> Vec<VirtioInfo> {
         lock(&self.machine.virtio).iter().map(|s| s.info.clone()).collect()
