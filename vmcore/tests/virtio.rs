@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::{guest, kvm, small_vm};
 use vmcore::hooks::{Event, Trigger};
+use vmcore::devices::virtio::net::{NetOptions, NetPort, PacketFilter};
 use vmcore::{CpuMode, ExitReason, Vm};
 
 const SCRIPT: u64 = 0x20_0000;
@@ -64,18 +65,26 @@ fn rings(n: u64) -> (u64, u64, u64) {
     (desc, desc + 16 * u64::from(QUEUE_SIZE), desc + 0x800)
 }
 
-/// The register writes that bring up a one-queue device at `base` with VERSION_1 only.
+/// The register writes that bring up a one-queue device at `base` with VERSION_1 only, its
+/// queue laid out as `rings(n)`.
 fn bring_up(s: &mut Script, base: u64, n: u64) {
-    let (desc, avail, used) = rings(n);
+    bring_up_queues(s, base, &[n]);
+}
+
+/// Brings up a device whose queue i is laid out as `rings(queues[i])`.
+fn bring_up_queues(s: &mut Script, base: u64, queues: &[u64]) {
     s.write(base + STATUS_REG, ACK_DRIVER);
     s.write(base + 0x24, 1).write(base + 0x20, 1); // driver features, high word: VERSION_1
     s.write(base + 0x24, 0).write(base + 0x20, 0);
     s.write(base + STATUS_REG, ACK_DRIVER | FEATURES_OK);
-    s.write(base + 0x30, 0).write(base + 0x38, QUEUE_SIZE);
-    s.write(base + 0x80, desc as u32).write(base + 0x84, 0);
-    s.write(base + 0x90, avail as u32).write(base + 0x94, 0);
-    s.write(base + 0xa0, used as u32).write(base + 0xa4, 0);
-    s.write(base + 0x44, 1);
+    for (i, &n) in queues.iter().enumerate() {
+        let (desc, avail, used) = rings(n);
+        s.write(base + 0x30, i as u32).write(base + 0x38, QUEUE_SIZE);
+        s.write(base + 0x80, desc as u32).write(base + 0x84, 0);
+        s.write(base + 0x90, avail as u32).write(base + 0x94, 0);
+        s.write(base + 0xa0, used as u32).write(base + 0xa4, 0);
+        s.write(base + 0x44, 1);
+    }
     s.write(base + STATUS_REG, ACK_DRIVER | FEATURES_OK | DRIVER_OK);
 }
 
@@ -228,4 +237,84 @@ fn a_guest_gets_random_bytes_from_virtio_rng() {
     assert_eq!(vm.read_phys(rings(0).2 + 8, 4).unwrap(), 256u32.to_le_bytes());
     let bytes = vm.read_phys(DATA, 256).unwrap();
     assert!(bytes.iter().filter(|&&b| b == 0).count() < 32, "random, not zeros");
+}
+
+/// A VM whose guest brings up a network device (receive queue at rings(0), transmit at
+/// rings(1)), with one receive buffer at DATA posted, and, with `send`, a frame at HEADER sent
+/// once the device is up; then it waits until the receive buffer is used.
+fn net_vm(options: &NetOptions, send: Option<&[u8]>) -> (Vm, Arc<NetPort>) {
+    let vm = small_vm();
+    let (info, port) = vm.add_net(options).unwrap();
+    let mut s = Script::default();
+    bring_up_queues(&mut s, info.base, &[0, 1]);
+    s.write(info.base + 0x50, 0);
+    if let Some(frame) = send {
+        let mut buf = vec![0u8; 12];
+        buf.extend_from_slice(frame);
+        vm.write_phys(HEADER, &buf).unwrap();
+        desc(&vm, 1, 0, HEADER, buf.len() as u32, 0, 0);
+        vm.write_phys(rings(1).1 + 2, &1u16.to_le_bytes()).unwrap();
+        s.write(info.base + 0x50, 1);
+    }
+    s.wait16(rings(0).2 + 2, 1);
+    s.load(&vm);
+    desc(&vm, 0, 0, DATA, 2048, 2, 0);
+    vm.write_phys(rings(0).1 + 2, &1u16.to_le_bytes()).unwrap();
+    vm.load_flat(&guest("mmio-script.bin"), 0x100000, CpuMode::Long).unwrap();
+    (vm, port)
+}
+
+fn frame(tag: u8, len: usize) -> Vec<u8> {
+    let mut f = vec![tag; len];
+    f[..12].copy_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 2, 0, 0, 0, 0, tag]);
+    f[12..14].copy_from_slice(&[0x88, 0xB5]);
+    f
+}
+
+#[test]
+fn two_linked_vms_exchange_frames_through_a_filter() {
+    if !kvm() {
+        return;
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let filter: PacketFilter = Arc::new(move |f: &[u8]| {
+        log.lock().unwrap().push(f.to_vec());
+        true
+    });
+    let (a, pa) = net_vm(&NetOptions { on_packet: Some(filter), ..Default::default() }, Some(&frame(0xA1, 64)));
+    let (b, pb) = net_vm(&NetOptions::default(), Some(&frame(0xB2, 90)));
+    NetPort::link(&pa, &pb);
+    a.start(Some(Duration::from_secs(20))).unwrap();
+    b.start(Some(Duration::from_secs(20))).unwrap();
+    for vm in [&a, &b] {
+        let o = vm.wait(None).unwrap().unwrap();
+        assert_eq!(o.reason, ExitReason::DebugExit, "{o}");
+    }
+    assert_eq!(vm_frame(&a, 90), frame(0xB2, 90));
+    assert_eq!(vm_frame(&b, 64), frame(0xA1, 64));
+    assert_eq!(*seen.lock().unwrap(), vec![frame(0xA1, 64)]);
+    assert_eq!((pa.stats().tx_frames, pa.stats().rx_frames), (1, 1));
+}
+
+/// The frame in the VM's receive buffer, after checking the used length.
+fn vm_frame(vm: &Vm, len: usize) -> Vec<u8> {
+    assert_eq!(vm.read_phys(rings(0).2 + 8, 4).unwrap(), (12 + len as u32).to_le_bytes());
+    vm.read_phys(DATA + 12, len).unwrap()
+}
+
+#[test]
+fn frames_injected_while_the_guest_runs_arrive() {
+    if !kvm() {
+        return;
+    }
+    let (vm, port) = net_vm(&NetOptions::default(), None);
+    vm.start(Some(Duration::from_secs(20))).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    port.inject(&frame(0xC3, 200)).unwrap();
+    let o = vm.wait(None).unwrap().unwrap();
+    assert_eq!(o.reason, ExitReason::DebugExit, "{o}");
+    assert_eq!(vm_frame(&vm, 200), frame(0xC3, 200));
+    assert!(vm.net_port(0).is_ok());
+    assert_eq!(vm.net_port(1).err().map(|e| e.kind()), Some("ConfigError"));
 }

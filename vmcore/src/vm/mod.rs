@@ -29,6 +29,7 @@ use crate::cpu::{cpuid, kick, PreciseMode, RegisterFile, Vcpu, VcpuStatus, MAX_B
 use crate::devices::cmos::{self, Cmos, CMOS_PORT};
 use crate::devices::fw_cfg::{FwCfg, FW_CFG_PORT, FW_CFG_PORTS};
 use crate::devices::virtio::block::{Block, DiskOptions};
+use crate::devices::virtio::net::{Net, NetOptions, NetPort};
 use crate::devices::virtio::{self, VirtioDevice, VirtioInfo, VirtioMmio, Worker};
 use crate::devices::{acpi, lock, DebugExit, IoBus, MmioBus, IrqLine, SerialPort, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
 use crate::hooks::{Event, EventKind, HookFn, HookId, Hooks, Trigger};
@@ -308,6 +309,8 @@ impl Machine {
 struct VirtioSlot {
     _worker: Worker,
     info: VirtioInfo,
+    /// A network device's outside (frames in and out).
+    net: Option<Arc<NetPort>>,
     _transport: Arc<Mutex<VirtioMmio>>,
 }
 
@@ -442,12 +445,29 @@ impl Vm {
     /// 20 bytes) is what the guest reads as the disk's ID.
     pub fn add_disk(&self, path: &Path, readonly: bool, serial: Option<&str>) -> Result<VirtioInfo> {
         let options = DiskOptions { readonly, serial: serial.map(str::to_string) };
-        self.add_virtio(Box::new(Block::open(path, &options)?))
+        self.add_virtio(Box::new(Block::open(path, &options)?), None)
     }
 
     /// Adds a virtio-rng device (entropy from the host's getrandom), before the first run.
     pub fn add_rng(&self) -> Result<VirtioInfo> {
-        self.add_virtio(Box::new(virtio::rng::Rng::new()))
+        self.add_virtio(Box::new(virtio::rng::Rng::new()), None)
+    }
+
+    /// Adds a virtio-net device (before the first run). Returns its port: inject frames, link it
+    /// to another VM's device, change its filter, read its counters.
+    pub fn add_net(&self, options: &NetOptions) -> Result<(VirtioInfo, Arc<NetPort>)> {
+        let device = Net::new(options)?;
+        let port = device.port();
+        let info = self.add_virtio(Box::new(device), Some(port.clone()))?;
+        Ok((info, port))
+    }
+
+    /// The port of virtio device `index`, if it is a network device.
+    pub fn net_port(&self, index: usize) -> Result<Arc<NetPort>> {
+        lock(&self.machine.virtio)
+            .get(index)
+            .and_then(|s| s.net.clone())
+            .ok_or_else(|| Error::Config(format!("virtio device {index} is not a network device of this VM")))
     }
 
     /// The VM's virtio devices, in the order they were added.
@@ -457,7 +477,7 @@ impl Vm {
 
     /// Puts `device` on the MMIO bus behind a virtio-mmio transport: the next free window and GSI,
     /// an irqfd for its interrupt, an ioeventfd per queue on QueueNotify, a worker thread.
-    fn add_virtio(&self, device: Box<dyn VirtioDevice>) -> Result<VirtioInfo> {
+    fn add_virtio(&self, device: Box<dyn VirtioDevice>, net: Option<Arc<NetPort>>) -> Result<VirtioInfo> {
         {
             let st = lock(&self.machine.run);
             if st.has_run || matches!(st.phase, Phase::Running) {
@@ -493,7 +513,7 @@ impl Vm {
         }
         self.machine.mmio.insert(base, virtio::MMIO_SIZE, transport.clone())?;
         log::debug!("added {} as virtio-mmio device {index} at {base:#x}, GSI {gsi}", info.description);
-        slots.push(VirtioSlot { _worker: worker, info: info.clone(), _transport: transport });
+        slots.push(VirtioSlot { _worker: worker, info: info.clone(), net, _transport: transport });
         Ok(info)
     }
 

@@ -36,6 +36,7 @@
 
 pub mod block;
 pub mod chain;
+pub mod net;
 pub mod rng;
 mod transport;
 mod worker;
