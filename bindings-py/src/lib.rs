@@ -15,6 +15,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use vmcore::console::Tee;
+use vmcore::devices::virtio::net::{format_mac, parse_mac, NetOptions};
+use vmcore::devices::virtio::VirtioInfo;
 use vmcore::memory::parse_size;
 use vmcore::{CpuMode, Error, Outcome, Vm, VmBuilder};
 
@@ -102,6 +104,17 @@ fn outcome_dict<'py>(py: Python<'py>, o: &Outcome, raise_hook_error: bool) -> Py
     d.set_item("instruction", PyBytes::new(py, &o.instruction))?;
     d.set_item("detail", &o.detail)?;
     d.set_item("summary", o.to_string())?;
+    Ok(d)
+}
+
+/// A virtio device's description as a dict for Python.
+fn virtio_dict<'py>(py: Python<'py>, info: &VirtioInfo) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("index", info.index)?;
+    d.set_item("kind", info.kind())?;
+    d.set_item("base", info.base)?;
+    d.set_item("gsi", info.gsi)?;
+    d.set_item("description", &info.description)?;
     Ok(d)
 }
 
@@ -248,6 +261,77 @@ impl NativeVm {
 
     fn add_fw_cfg_file(&self, py: Python<'_>, name: &str, data: Vec<u8>) -> PyResult<()> {
         self.get()?.add_fw_cfg_file(name, data).py_err(py)
+    }
+
+    /// Attaches a raw disk image as a virtio-blk device; returns its description.
+    #[pyo3(signature = (path, readonly=false, serial=None))]
+    fn add_disk<'py>(&self, py: Python<'py>, path: PathBuf, readonly: bool, serial: Option<String>) -> PyResult<Bound<'py, PyDict>> {
+        let info = self.get()?.add_disk(&path, readonly, serial.as_deref()).py_err(py)?;
+        virtio_dict(py, &info)
+    }
+
+    fn add_rng<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let info = self.get()?.add_rng().py_err(py)?;
+        virtio_dict(py, &info)
+    }
+
+    /// Adds a virtio-net device; returns its description with "mac" and "tap".
+    #[pyo3(signature = (tap=None, on_packet=None, mac=None))]
+    fn add_net<'py>(
+        &self,
+        py: Python<'py>,
+        tap: Option<String>,
+        on_packet: Option<Py<PyAny>>,
+        mac: Option<String>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let mac = mac.as_deref().map(parse_mac).transpose().py_err(py)?;
+        let options = NetOptions { mac, tap, on_packet: on_packet.map(hooks::packet_filter) };
+        let vm = self.get()?;
+        // Opening a tap may block briefly; nothing here calls back into Python.
+        let (info, port) = py.detach(move || vm.add_net(&options)).py_err(py)?;
+        let d = virtio_dict(py, &info)?;
+        d.set_item("mac", format_mac(&port.mac()))?;
+        d.set_item("tap", port.tap())?;
+        Ok(d)
+    }
+
+    fn virtio_devices<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.get()?.virtio_devices().iter().map(|i| virtio_dict(py, i)).collect()
+    }
+
+    /// Queues a frame for network device `index`'s guest.
+    fn net_inject(&self, py: Python<'_>, index: usize, frame: &[u8]) -> PyResult<()> {
+        self.get()?.net_port(index).py_err(py)?.inject(frame).py_err(py)
+    }
+
+    /// Links network device `index` with `other_index` of `other` (which may be this VM).
+    fn net_link(&self, py: Python<'_>, index: usize, other: &NativeVm, other_index: usize) -> PyResult<()> {
+        let a = self.get()?.net_port(index).py_err(py)?;
+        let b = other.get()?.net_port(other_index).py_err(py)?;
+        vmcore::devices::virtio::net::NetPort::link(&a, &b);
+        Ok(())
+    }
+
+    fn net_unlink(&self, py: Python<'_>, index: usize) -> PyResult<()> {
+        self.get()?.net_port(index).py_err(py)?.unlink();
+        Ok(())
+    }
+
+    /// Replaces network device `index`'s filter (None: every frame passes).
+    #[pyo3(signature = (index, on_packet=None))]
+    fn net_set_filter(&self, py: Python<'_>, index: usize, on_packet: Option<Py<PyAny>>) -> PyResult<()> {
+        self.get()?.net_port(index).py_err(py)?.set_filter(on_packet.map(hooks::packet_filter));
+        Ok(())
+    }
+
+    fn net_stats<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.get()?.net_port(index).py_err(py)?.stats();
+        let d = PyDict::new(py);
+        d.set_item("tx_frames", s.tx_frames)?;
+        d.set_item("tx_dropped", s.tx_dropped)?;
+        d.set_item("rx_frames", s.rx_frames)?;
+        d.set_item("rx_dropped", s.rx_dropped)?;
+        Ok(d)
     }
 
     #[pyo3(signature = (timeout=None))]

@@ -316,6 +316,87 @@ class Vcpu:
         return f"<vmcore.Vcpu {self.index}>"
 
 
+@dataclass(frozen=True)
+class VirtioDevice:
+    """A virtio-mmio device of a VM (see :meth:`Vm.add_disk`, :meth:`Vm.add_net`,
+    :meth:`Vm.add_rng`). The guest finds it in the ACPI tables (``_HID "LNRO0005"``)."""
+
+    index: int
+    """Position among the VM's virtio devices (the ACPI ``_UID``)."""
+    kind: str
+    """``"block"``, ``"net"`` or ``"rng"``."""
+    base: int
+    """Guest-physical address of its register window (0x200 bytes)."""
+    gsi: int
+    """Its interrupt: an IOAPIC pin (16 onwards), edge-triggered."""
+    description: str
+
+
+PacketCallback = Callable[[bytes], Optional[bool]]
+"""``on_packet(frame)``: sees each Ethernet frame the guest sends; returning ``False`` drops it,
+``None`` or ``True`` lets it through."""
+
+
+class Net:
+    """A virtio-net device (see :meth:`Vm.add_net`): frames the guest sends pass its
+    ``on_packet`` filter and go to a linked device and/or a tap; frames reach the guest from
+    those or from :meth:`inject`.
+
+    ::
+
+        a_net, b_net = vm_a.add_net(), vm_b.add_net()
+        a_net.link(b_net)            # what one guest sends, the other receives
+
+        @a_net.on_packet
+        def watch(frame: bytes) -> bool:
+            return frame[12:14] != b"\x86\xdd"   # drop IPv6
+    """
+
+    def __init__(self, native: NativeVm, info: Dict[str, Any]) -> None:
+        self._native = native
+        self.device = VirtioDevice(**{k: info[k] for k in ("index", "kind", "base", "gsi", "description")})
+        self.mac: str = info["mac"]
+        """The guest's MAC address, ``"02:76:..."``."""
+        self.tap: Optional[str] = info["tap"]
+        """The tap interface it is attached to, if any."""
+
+    @property
+    def index(self) -> int:
+        return self.device.index
+
+    def inject(self, frame: bytes) -> None:
+        """Queues an Ethernet frame (14 to 1518 bytes, no FCS) for the guest; it arrives once
+        the guest's driver has a receive buffer for it."""
+        self._native.net_inject(self.index, bytes(frame))
+
+    def link(self, other: "Net") -> None:
+        """Connects this device to ``other`` (usually another VM's) back to back: frames one
+        guest sends (and its filter passes) arrive at the other. A link does not keep the other
+        VM alive; closing either ends it."""
+        self._native.net_link(self.index, other._native, other.index)
+
+    def unlink(self) -> None:
+        """Disconnects this device from its linked peer, both ways."""
+        self._native.net_unlink(self.index)
+
+    def on_packet(self, callback: Optional[PacketCallback]) -> Optional[PacketCallback]:
+        """Sets (or with None clears) the filter; usable as a decorator. It runs on the device's
+        worker thread with the GIL, never on a vCPU thread; an exception is logged (logger
+        ``vmcore``) and drops the frame."""
+        self._native.net_set_filter(self.index, callback)
+        return callback
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        """Frame counters: ``tx_frames``, ``tx_dropped`` (filtered or malformed),
+        ``rx_frames``, ``rx_dropped`` (too large, or too many waiting)."""
+        return self._native.net_stats(self.index)
+
+    def __repr__(self) -> str:
+        tap = f" tap={self.tap}" if self.tap else ""
+        return f"<vmcore.Net {self.index} {self.mac}{tap}>"
+
+
 class Vm:
     """A KVM virtual machine.
 
@@ -420,6 +501,43 @@ class Vm:
     def add_fw_cfg_file(self, name: str, data: bytes) -> None:
         """Adds a named file to fw_cfg (QEMU's ``-fw_cfg name=...,file=...``)."""
         self._native.add_fw_cfg_file(name, bytes(data))
+
+    # -- devices -----------------------------------------------------------------------------
+
+    def add_disk(
+        self, path: Union[str, "os.PathLike[str]"], readonly: bool = False, *, serial: Optional[str] = None
+    ) -> VirtioDevice:
+        """Attaches a raw disk image as a virtio-blk device (before the first run); Linux sees
+        it as ``/dev/vdX`` once the ``virtio_mmio`` and ``virtio_blk`` drivers load.
+
+        ``readonly`` opens the file read-only and tells the guest so; writes fail with an I/O
+        error. Flushes are honoured (the file is fdatasync'ed). ``serial`` (at most 20 bytes)
+        is what the guest reads as the disk's ID (``/sys/block/vdX/serial``).
+        """
+        return VirtioDevice(**self._native.add_disk(os.fspath(path), readonly, serial))
+
+    def add_net(
+        self, tap: Optional[str] = None, on_packet: Optional[PacketCallback] = None, mac: Optional[str] = None
+    ) -> Net:
+        """Adds a virtio-net device (before the first run); see :class:`Net`.
+
+        ``tap`` attaches it to a tap interface: an existing one by name, or a new one (as root),
+        removed when the VM closes; a pattern such as ``"vm%d"`` lets the kernel pick the number
+        (:attr:`Net.tap` says which). ``on_packet(frame)`` sees each frame the guest sends and
+        drops it by returning ``False``. ``mac`` is the guest's address (``"02:00:00:00:00:01"``);
+        by default a locally administered one unique in this process.
+        """
+        return Net(self._native, self._native.add_net(tap, on_packet, mac))
+
+    def add_rng(self) -> VirtioDevice:
+        """Adds a virtio-rng device (before the first run): the guest's ``hwrng`` reads the
+        host's getrandom."""
+        return VirtioDevice(**self._native.add_rng())
+
+    @property
+    def virtio_devices(self) -> List[VirtioDevice]:
+        """The VM's virtio devices, in the order they were added."""
+        return [VirtioDevice(**d) for d in self._native.virtio_devices()]
 
     # -- running -----------------------------------------------------------------------------
 

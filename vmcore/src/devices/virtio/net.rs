@@ -75,6 +75,7 @@ pub struct NetStats {
 /// which hold it weakly, so a closed VM's device goes away whatever links it had.
 pub struct NetPort {
     mac: [u8; 6],
+    tap: Option<String>,
     pending: Mutex<VecDeque<Vec<u8>>>,
     /// Wakes the device's worker when frames are queued.
     wake: EventFd,
@@ -87,11 +88,12 @@ pub struct NetPort {
 }
 
 impl NetPort {
-    fn new(mac: [u8; 6], filter: Option<PacketFilter>) -> Result<Arc<NetPort>> {
+    fn new(mac: [u8; 6], tap: Option<String>, filter: Option<PacketFilter>) -> Result<Arc<NetPort>> {
         let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(|e| Error::Io { context: "cannot create a network eventfd".into(), source: e })?;
         Ok(Arc::new(NetPort {
             mac,
+            tap,
             pending: Mutex::new(VecDeque::new()),
             wake,
             peer: Mutex::new(None),
@@ -105,6 +107,11 @@ impl NetPort {
 
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// The tap interface the device is attached to, if any.
+    pub fn tap(&self) -> Option<&str> {
+        self.tap.as_deref()
     }
 
     /// Queues a frame for the guest. It arrives once the driver has a receive buffer for it;
@@ -277,7 +284,7 @@ impl Net {
             return Err(Error::Config(format!("{} is a multicast MAC address", format_mac(&mac))));
         }
         let tap = options.tap.as_deref().map(Tap::open).transpose()?.map(Arc::new);
-        let port = NetPort::new(mac, options.on_packet.clone())?;
+        let port = NetPort::new(mac, tap.as_ref().map(|t| t.name.clone()), options.on_packet.clone())?;
         Ok(Net { port, tap, outbox: Vec::new(), config: mac })
     }
 
