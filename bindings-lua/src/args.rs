@@ -181,8 +181,11 @@ pub(crate) fn stats(lua: &Lua, s: &ExitStats) -> mlua::Result<Table> {
     t.set("msr_writes", msrs(&s.msr_writes)?)?;
     t.set("cpuid_leaves", msrs(&s.cpuid_leaves)?)?;
     t.set("cr_accesses", lua.create_table_from(s.cr_accesses.iter().map(|(k, v)| (i64::from(*k), int(*v))))?)?;
+    t.set("emulated", lua.create_table_from(s.emulated.iter().map(|(k, v)| (*k, int(*v))))?)?;
     t.set("hook_events", lua.create_table_from(s.hook_events.iter().map(|(k, v)| (*k, int(*v))))?)?;
     t.set("hook_calls", int(s.hook_calls))?;
     t.set("hook_seconds", s.hook_time.as_secs_f64())?;
+    t.set("handling_seconds", s.handling_time.as_secs_f64())?;
+    t.set("emulation_seconds", s.emulation_time.as_secs_f64())?;
     Ok(t)
 }

@@ -1,5 +1,5 @@
-# bench-ports.bin - real mode: prints "go", then 50000 OUTs to port 0x80 (no device: one
-# exit each, nothing else), then ends through debug-exit with code 0. Benchmarks time from
+# bench-ports.bin - real mode: prints "go", then 50000 OUTs to port 0x80 (the POST port, whose
+# device drops them: one exit each, nothing else), then ends through debug-exit with code 0. Benchmarks time from
 # the line to the exit, per OUT.
         .include "guest.inc"
         GUEST_START 16

@@ -227,7 +227,7 @@ describe("hooks", function()
       return 0x42
     end)
     local seen = {}
-    vm:on_io(0x80, { write = true }, function(ev)
+    vm:on_io(0x98, { write = true }, function(ev)
       seen[#seen + 1] = ev.value
       ev:veto()
     end)

@@ -30,6 +30,23 @@ describe("multiboot kernels", function()
     end
   end)
 
+  it("power off through ACPI S5 and reset through the 8042 or the ACPI reset register", function()
+    local found = "rsdp rev 2\nxsdt 2 entries\nfadt rev 6\nsmi_cmd 0x0\ndsdt from x_dsdt\n"
+      .. "pm1a_cnt 0x604\ns5 slp_typ 5\n"
+    for _, case in ipairs({
+      {"poweroff", "poweroff", "poweroff\n"},
+      {"kbd-reset", "reboot", "reset through the 8042\n"},
+      {"acpi-reset", "reboot", "reset register 0xcf9 value 0x6\n"},
+    }) do
+      local action, reason, last = case[1], case[2], case[3]
+      local vm <close> = vmcore.Vm{memory = "64M"}
+      vm:load_multiboot(helper.guest_path("mb-power.elf"), {cmdline = action})
+      local out = vm:run{timeout = 30}
+      assert.are.equal(reason, out.reason, vm.console.output)
+      assert.are.equal(found .. last, vm.console.output)
+    end
+  end)
+
   it("refuse a kernel without a header, with the reason", function()
     local vm <close> = vmcore.Vm{memory = "64M"}
     local ok, err = pcall(vm.load_multiboot, vm, helper.guest_path("hello-long.elf"))

@@ -64,6 +64,22 @@ describe("running guests", function()
     vm.console:expect("exiting with 0x31")
   end)
 
+  it("counts instructions vmcore emulated for KVM", function()
+    -- emulate.elf case 1: an int3 at CPL0 reaches the guest's own handler. Where KVM's emulator
+    -- cannot run it (kvm_pvm), vmcore emulates it and counts it by mnemonic.
+    vm = vmcore.Vm({ memory = "32M" })
+    vm:load_elf(helper.guest_path("emulate.elf"))
+    vm:write_phys(0x300000, string.pack("<I8", 1))
+    local out = vm:run({ timeout = 5 })
+    assert.are.equal("debug_exit", out.reason)
+    assert.are.equal(0x10, out.code)
+    local emulated = vm:stats().emulated
+    assert.are.equal("table", type(emulated))
+    for name, count in pairs(emulated) do
+      assert.are.same({ "int3", 1 }, { name, count })
+    end
+  end)
+
   it("reports a triple fault as shutdown", function()
     vm = helper.flat_vm("triple-fault.bin")
     local out = vm:run({ timeout = 5 })

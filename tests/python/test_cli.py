@@ -55,6 +55,10 @@ def test_exit_statuses_follow_qemu_and_timeout(guests):
     assert out.returncode == 124 and "timeout" in out.stderr
     out = vmcore("run", "--kernel", str(guests.path("triple-fault.bin")), "--flat", "long")
     assert out.returncode == 2
+    out = vmcore("run", "--kernel", str(guests.path("mb-power.elf")), "--append", "poweroff")
+    assert out.returncode == 0 and "vmcore: poweroff" in out.stderr, out.stderr
+    out = vmcore("run", "--kernel", str(guests.path("mb-power.elf")), "--append", "kbd-reset")
+    assert out.returncode == 4 and "vmcore: reboot" in out.stderr, out.stderr
 
 
 def test_bad_input_gives_meaningful_statuses(guests, tmp_path):

@@ -51,6 +51,20 @@ def test_debug_exit_returns_the_code(vm, guests):
     assert outcome.vcpu == 0
 
 
+def test_instructions_vmcore_emulated_are_counted(vm, guests):
+    # emulate.elf case 1: an int3 at CPL0 reaches the guest's own handler. Where KVM's emulator
+    # cannot run it (kvm_pvm), vmcore emulates it and counts it by mnemonic.
+    vm.load_elf(guests.path("emulate.elf"))
+    vm.write_phys(0x300000, (1).to_bytes(8, "little"))
+    outcome = vm.run(timeout=5)
+    assert (outcome.reason, outcome.code) == ("debug_exit", 0x10)
+    emulated = vm.stats()["emulated"]
+    if vmcore._native.host_info()["flavour"] == "kvm_pvm":
+        assert emulated == {"int3": 1}
+    else:
+        assert emulated == {}
+
+
 def test_triple_fault_is_shutdown(vm, guests):
     vm.load_flat(guests.bytes("triple-fault.bin"))
     outcome = vm.run(timeout=5)
@@ -174,7 +188,7 @@ def test_unhandled_ports_read_all_ones_and_are_counted(vm, guests):
     assert vm.run(timeout=5).reason == "halted"
     assert vm.console.output == "unhandled read gave ff\n"
     stats = vm.stats()
-    assert stats["unhandled_port_writes"] == {0x80: 3}
+    assert stats["unhandled_port_writes"] == {0x98: 3}
     assert stats["unhandled_port_reads"] == {0x99: 2}
     assert stats["exits"]["io_out"] >= 3 + len("unhandled read gave ff\n")
     assert stats["exits_total"] == sum(stats["exits"].values())

@@ -133,7 +133,7 @@ def test_io_hooks_supply_reads_rewrite_and_veto_writes_and_stop(vm, guests):
 
     seen = []
 
-    @vm.on_io(0x80, write=True)
+    @vm.on_io(0x98, write=True)
     def post(ev):
         seen.append(ev.value)
         ev.veto()

@@ -61,6 +61,27 @@ def test_rtc_reads_the_host_time(vm, guests):
     assert "status_b 0x2" in vm.console.output, "BCD, 24-hour"
 
 
+POWER_FOUND = ["rsdp rev 2", "xsdt 2 entries", "fadt rev 6", "smi_cmd 0x0", "dsdt from x_dsdt", "pm1a_cnt 0x604", "s5 slp_typ 5"]
+
+
+@pytest.mark.parametrize(
+    "action,reason,last_line",
+    [
+        ("poweroff", "poweroff", "poweroff"),
+        ("kbd-reset", "reboot", "reset through the 8042"),
+        ("acpi-reset", "reboot", "reset register 0xcf9 value 0x6"),
+    ],
+)
+def test_acpi_poweroff_and_resets(vm, guests, action, reason, last_line):
+    # mb-power walks RSDP -> XSDT -> FADT -> DSDT, then powers off (ACPI S5) or resets.
+    outcome = boot(vm, guests, "mb-power.elf", action)
+    assert outcome.reason == reason, vm.console.output
+    assert vm.console.output.splitlines() == POWER_FOUND + [last_line]
+    assert vm.stats()["unhandled_port_writes"] == {}, "port 0x80 is the POST port"
+    with pytest.raises(vmcore.VmStateError, match="has ended"):
+        vm.start()
+
+
 def test_debug_exit_code_and_qemu_status(vm, guests):
     outcome = boot(vm, guests, "mb-exit.elf")
     assert (outcome.code, outcome.qemu_exit_status) == (0x42, 133)

@@ -27,6 +27,12 @@ pub enum ExitReason {
     HookStop,
     /// A hook failed (raised); `detail` has its message.
     HookError,
+    /// The guest asked for a reset (the keyboard controller's reset line, the chipset's reset
+    /// control register or the ACPI reset register); `detail` says which. vmcore does not
+    /// restart the machine: the run ends here.
+    Reboot,
+    /// The guest powered the machine off (ACPI sleep state S5).
+    Poweroff,
 }
 
 impl ExitReason {
@@ -41,6 +47,8 @@ impl ExitReason {
             ExitReason::InternalError => "internal_error",
             ExitReason::HookStop => "hook_stop",
             ExitReason::HookError => "hook_error",
+            ExitReason::Reboot => "reboot",
+            ExitReason::Poweroff => "poweroff",
         }
     }
 
@@ -168,5 +176,18 @@ impl fmt::Display for Outcome {
             write!(f, ": {}", self.detail)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reboot_and_poweroff_have_names_and_end_the_vm_for_good() {
+        assert_eq!((ExitReason::Reboot.as_str(), ExitReason::Poweroff.as_str()), ("reboot", "poweroff"));
+        assert!(!ExitReason::Reboot.is_resumable() && !ExitReason::Poweroff.is_resumable());
+        let o = Outcome::new(ExitReason::Poweroff).with_detail("ACPI S5");
+        assert_eq!(o.to_string(), "poweroff: ACPI S5");
     }
 }

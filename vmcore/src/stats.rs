@@ -23,6 +23,13 @@ pub struct ExitStats {
     /// Instructions precise mode emulated: CPUID by leaf, control-register accesses by CR.
     pub cpuid_leaves: BTreeMap<u32, u64>,
     pub cr_accesses: BTreeMap<u8, u64>,
+    /// Instructions KVM's emulator failed on that vmcore emulated instead, by mnemonic
+    /// (`cmpxchg16b`, `xsave`, `rdtscp`, `int3`, ...).
+    pub emulated: BTreeMap<&'static str, u64>,
+    /// Time the vCPU threads spent in userspace between KVM_RUN calls (exit handling, hooks
+    /// and emulation included), and the part of it spent emulating.
+    pub handling_time: Duration,
+    pub emulation_time: Duration,
     /// Hook calls, by event kind, and the time spent in hooks.
     pub hook_events: BTreeMap<&'static str, u64>,
     pub hook_calls: u64,
@@ -51,8 +58,11 @@ impl ExitStats {
         add(&mut self.hook_events, &other.hook_events);
         add(&mut self.cpuid_leaves, &other.cpuid_leaves);
         add(&mut self.cr_accesses, &other.cr_accesses);
+        add(&mut self.emulated, &other.emulated);
         self.hook_calls += other.hook_calls;
         self.hook_time += other.hook_time;
+        self.handling_time += other.handling_time;
+        self.emulation_time += other.emulation_time;
     }
 
     /// All exits, kicks included.
@@ -74,7 +84,11 @@ mod tests {
         b.count_exit("io_out");
         b.count_exit("hlt");
         b.unhandled_port_reads.insert(0x80, 3);
+        a.emulated.insert("xsave", 1);
+        b.emulated.insert("xsave", 2);
+        b.emulated.insert("int3", 1);
         a.merge(&b);
+        assert_eq!((a.emulated["xsave"], a.emulated["int3"]), (3, 1));
         assert_eq!(a.exits["io_out"], 2);
         assert_eq!(a.exits["hlt"], 1);
         assert_eq!(a.unhandled_port_reads[&0x80], 5);

@@ -174,3 +174,30 @@ fn the_walker_reads_through_32_bit_and_pae_guest_tables() {
         assert_eq!(String::from_utf8(text).unwrap(), message, "{image}");
     }
 }
+
+/// mb-power walks RSDP -> XSDT -> FADT -> DSDT as an OS does, prints what it found, then ends
+/// the machine through ACPI S5, the 8042's reset line or the FADT's reset register.
+#[test]
+fn acpi_poweroff_and_the_reset_lines_end_the_run() {
+    if !kvm() {
+        return;
+    }
+    let found = "rsdp rev 2\nxsdt 2 entries\nfadt rev 6\nsmi_cmd 0x0\ndsdt from x_dsdt\npm1a_cnt 0x604\ns5 slp_typ 5\n";
+    for (action, reason, last_line, detail) in [
+        ("poweroff", ExitReason::Poweroff, "poweroff", "S5"),
+        ("kbd-reset", ExitReason::Reboot, "reset through the 8042", "command 0xfe"),
+        ("acpi-reset", ExitReason::Reboot, "reset register 0xcf9 value 0x6", "port 0xcf9"),
+    ] {
+        let vm = small_vm();
+        vm.load_multiboot_bytes(&guest("mb-power.elf"), "mb-power.elf", action, &[]).unwrap();
+        let o = vm.run(FIVE_SECONDS).unwrap();
+        let out = vm.console().output();
+        assert_eq!((o.reason, o.vcpu), (reason, Some(0)), "{action}: {o}\n{out}");
+        assert!(o.detail.contains(detail), "{action}: {}", o.detail);
+        assert_eq!(out, format!("{found}{last_line}\n"), "{action}");
+        let stats = vm.stats();
+        assert_eq!(stats.ports.get(&0x80), Some(&1), "the POST code was written");
+        assert!(stats.unhandled_port_writes.is_empty(), "{:?}", stats.unhandled_port_writes);
+        assert!(matches!(vm.start(None), Err(Error::State(_))), "{action} cannot be resumed");
+    }
+}

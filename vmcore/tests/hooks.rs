@@ -148,7 +148,7 @@ fn port_hooks_supply_reads_and_veto_writes() {
     let count = Arc::new(Mutex::new(0));
     let c = count.clone();
     vm.add_hook(
-        Trigger::Io { first: 0x80, last: 0x80, reads: false, writes: true },
+        Trigger::Io { first: 0x98, last: 0x98, reads: false, writes: true },
         Arc::new(move |ev: &mut Event| {
             assert_eq!(ev.value, Some(0x42));
             *c.lock().unwrap() += 1;

@@ -32,7 +32,10 @@ class Outcome:
     ``"stopped"``, ``"emulation_failure"`` (``rip`` and ``instruction`` say where),
     ``"internal_error"`` (``detail`` says what), ``"hook_stop"`` (a hook called
     ``ev.stop(result)``: ``result`` is that object, ``code`` it when it is an int) and
-    ``"hook_error"`` (a hook raised; ``run()`` and ``wait()`` raise that exception).
+    ``"hook_error"`` (a hook raised; ``run()`` and ``wait()`` raise that exception),
+    ``"reboot"`` (the guest reset the machine: keyboard controller, port 0xcf9 or the ACPI reset
+    register; ``detail`` says which) and ``"poweroff"`` (the guest entered ACPI S5). Only
+    ``"timeout"`` and ``"stopped"`` runs can be started again.
     """
 
     reason: str
@@ -756,8 +759,11 @@ class Vm:
         """Exit counters: ``exits`` by reason, ``exits_total``, ``ports`` (port exits by port),
         unhandled port and MMIO accesses by port or address (unhandled reads return all-ones,
         writes are dropped), ``msr_reads``/``msr_writes`` by index, ``cpuid_leaves`` and
-        ``cr_accesses`` emulated by precise mode, ``hook_events`` by kind, ``hook_calls`` and
-        ``hook_seconds`` (time spent in hooks)."""
+        ``cr_accesses`` emulated by precise mode, ``emulated`` (instructions KVM's emulator
+        could not run and vmcore emulated instead, by mnemonic: ``xsave``, ``int3``, ...),
+        ``hook_events`` by kind, ``hook_calls`` and ``hook_seconds`` (time spent in hooks),
+        ``handling_seconds`` (vCPU threads' time in userspace between KVM_RUN calls, summed over
+        vCPUs) and ``emulation_seconds`` (the part of it spent emulating instructions)."""
         return self._native.stats()
 
     def __repr__(self) -> str:

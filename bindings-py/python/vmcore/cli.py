@@ -26,6 +26,8 @@ from ._vm import Outcome, Vm
 #: ``-device isa-debug-exit``, so test runners written for QEMU read the same status).
 EXIT_HALTED = 0
 EXIT_SHUTDOWN = 2
+EXIT_POWEROFF = 0
+EXIT_REBOOT = 4
 EXIT_FAILURE = 3
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
@@ -43,6 +45,8 @@ def exit_status(outcome: Outcome) -> int:
     return {
         "halted": EXIT_HALTED,
         "shutdown": EXIT_SHUTDOWN,
+        "poweroff": EXIT_POWEROFF,
+        "reboot": EXIT_REBOOT,
         "timeout": EXIT_TIMEOUT,
         "stopped": EXIT_INTERRUPTED,
     }.get(outcome.reason, EXIT_FAILURE)
@@ -56,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
         help="boot a kernel",
         description="Boot a multiboot or ELF kernel (or a flat binary with --flat).",
         epilog=(
-            "exit status: the guest's debug-exit value v as QEMU's (v<<1)|1; 0 halted; 2 triple fault; "
-            "3 emulation or internal failure; 124 timeout; 130 interrupted; 64 bad arguments; "
+            "exit status: the guest's debug-exit value v as QEMU's (v<<1)|1; 0 halted or powered off; "
+            "2 triple fault; 4 reboot; 3 emulation or internal failure; 124 timeout; 130 interrupted; 64 bad arguments; "
             "65 bad image; 69 no KVM"
         ),
     )

@@ -94,6 +94,20 @@ bss ok" -- "$out/mb-aout.elf"
 check mb-aout.bin 35 "aout ok
 bss ok" -- "$out/mb-aout.bin"
 
+power_found="rsdp rev [0-9]+
+(rsdt|xsdt) [0-9]+ entries
+fadt rev [0-9]+
+smi_cmd $hex
+dsdt from (x_)?dsdt
+pm1a_cnt $hex
+s5 slp_typ [0-9]+"
+check "mb-power poweroff" 0 "$power_found
+poweroff" -- "$out/mb-power.elf" -append poweroff
+check "mb-power kbd-reset" 0 "$power_found
+reset through the 8042" -- "$out/mb-power.elf" -append kbd-reset
+check "mb-power acpi-reset (q35)" 0 "$power_found
+reset register 0xcf9 value $hex" -- "$out/mb-power.elf" -M q35 -append acpi-reset
+
 for n in 1 2 3 4; do
     want="fw_cfg signature QEMU
 cpus $n

@@ -1,7 +1,8 @@
-//! vCPUs: the run loop and its exit dispatch, registers, CPUID, entry state, and kicking a
-//! vCPU thread out of KVM_RUN.
+//! vCPUs: the run loop and its exit dispatch, registers, CPUID, entry state, the fallback for
+//! instructions KVM cannot emulate, and kicking a vCPU thread out of KVM_RUN.
 
 pub mod cpuid;
+mod emulate;
 pub mod entry;
 mod exit;
 pub mod precise;

@@ -1,5 +1,6 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
+use std::time::Instant;
 
 use kvm_bindings::{
     kvm_guest_debug, kvm_msr_entry, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_GUESTDBG_ENABLE,
@@ -9,6 +10,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{SyncReg, VcpuFd, VmFd};
 
+use super::emulate::{self, Fallback};
 use super::exit::{call_hooks, complete, dispatch, hooked, Exit, Flow, MsrAccess};
 use super::precise::{self, Intercept, PreciseMode};
 use super::sites::Sites;
@@ -206,6 +208,8 @@ impl Vcpu {
         // with single-step off; it can only be woken by NMI or INIT, and the next real exit
         // arms single-step again.
         let mut halting = false;
+        // When the last KVM_RUN returned, for the time spent handling exits.
+        let mut exited_at: Option<Instant> = None;
         loop {
             if env.stop.load(Ordering::Acquire) {
                 return None;
@@ -243,7 +247,12 @@ impl Vcpu {
                 }
             }
             let has_sync_regs = vcpu.sync_regs;
-            let exit = match vcpu.fd.run() {
+            if let Some(at) = exited_at.take() {
+                lock(env.stats).handling_time += at.elapsed();
+            }
+            let ran = vcpu.fd.run();
+            exited_at = Some(Instant::now());
+            let exit = match ran {
                 Ok(exit) => {
                     env.status.exits.fetch_add(1, Ordering::Relaxed);
                     env.status.parked.store(false, Ordering::Relaxed);
@@ -313,6 +322,19 @@ impl Vcpu {
                             Emulated::End(outcome) => return Some(vcpu.locate(outcome)),
                             Emulated::NotHooked => {}
                         }
+                    }
+                    // Instructions KVM's emulator gives up on (hosts that emulate kernel code).
+                    let Vcpu { fd, cpuid, .. } = &mut *vcpu;
+                    let started = Instant::now();
+                    let fallback = emulate::emulate(fd, cpuid, env.ram, env.stats);
+                    lock(env.stats).emulation_time += started.elapsed();
+                    match fallback {
+                        Fallback::Done => {
+                            synced = false;
+                            continue;
+                        }
+                        Fallback::End(outcome) => return Some(vcpu.locate(outcome)),
+                        Fallback::Unsupported => {}
                     }
                     let outcome = vcpu.internal_error(env.ram);
                     return Some(vcpu.locate(outcome));
@@ -639,7 +661,7 @@ impl MsrAccess for LockedMsrs<'_> {
 
 /// Reads up to 15 instruction bytes at the vCPU's RIP; fewer where the code ends at an
 /// unmapped page.
-fn fetch_code(ram: &GuestRam, rf: &RegisterFile, buf: &mut [u8; 15]) -> usize {
+pub(super) fn fetch_code(ram: &GuestRam, rf: &RegisterFile, buf: &mut [u8; 15]) -> usize {
     let ctx = rf.paging();
     let linear = rf.linear_rip();
     if paging::read_virt(ram, &ctx, linear, buf).is_ok() {

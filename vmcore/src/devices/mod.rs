@@ -3,7 +3,11 @@
 pub mod acpi;
 pub mod cmos;
 pub mod fw_cfg;
+pub mod i8042;
 pub mod mmio;
+pub mod pci;
+pub mod pm;
+pub mod post;
 pub mod virtio;
 mod debug_exit;
 mod serial;
@@ -39,6 +43,8 @@ pub enum BusResult {
 struct PortRange {
     base: u16,
     len: u16,
+    /// The device offset of `base`.
+    first: u16,
     device: Arc<Mutex<dyn PortDevice>>,
 }
 
@@ -50,6 +56,13 @@ pub struct IoBus {
 
 impl IoBus {
     pub fn insert(&mut self, base: u16, len: u16, device: Arc<Mutex<dyn PortDevice>>) -> Result<()> {
+        self.insert_window(base, len, 0, device)
+    }
+
+    /// Maps ports `base..base+len` to the device's offsets from `first` on. A device whose ports
+    /// are not contiguous (the keyboard controller at 0x60 and 0x64) goes in once per window,
+    /// and its offsets stay relative to its lowest port without claiming the ports between.
+    pub fn insert_window(&mut self, base: u16, len: u16, first: u16, device: Arc<Mutex<dyn PortDevice>>) -> Result<()> {
         let end = u32::from(base) + u32::from(len);
         if len == 0 || end > 0x1_0000 {
             return Err(Error::Config(format!("bad port range {base:#x}+{len}")));
@@ -64,7 +77,7 @@ impl IoBus {
                 r.base, r.len
             )));
         }
-        self.ranges.push(PortRange { base, len, device });
+        self.ranges.push(PortRange { base, len, first, device });
         Ok(())
     }
 
@@ -75,7 +88,7 @@ impl IoBus {
     pub fn read(&self, port: u16, data: &mut [u8]) -> BusResult {
         match self.find(port) {
             Some(r) => {
-                lock(&r.device).read(port - r.base, data);
+                lock(&r.device).read(port - r.base + r.first, data);
                 BusResult::Done
             }
             None => BusResult::Unhandled,
@@ -84,13 +97,25 @@ impl IoBus {
 
     pub fn write(&self, port: u16, data: &[u8]) -> BusResult {
         match self.find(port) {
-            Some(r) => match lock(&r.device).write(port - r.base, data) {
+            Some(r) => match lock(&r.device).write(port - r.base + r.first, data) {
                 Some(outcome) => BusResult::Exit(outcome),
                 None => BusResult::Done,
             },
             None => BusResult::Unhandled,
         }
     }
+}
+
+/// Puts the PC platform devices that need no configuration on the bus: the POST port, the
+/// keyboard controller (its reset line), PCI configuration mechanism #1 with the reset control
+/// register, and the ACPI power-management registers the FADT describes.
+pub fn insert_platform(io: &mut IoBus) -> Result<()> {
+    io.insert(post::POST_PORT, 1, Arc::new(Mutex::new(post::PostPort)))?;
+    let kbc = Arc::new(Mutex::new(i8042::I8042::new()));
+    io.insert_window(i8042::I8042_DATA_PORT, 1, i8042::DATA, kbc.clone())?;
+    io.insert_window(i8042::I8042_COMMAND_PORT, 1, i8042::COMMAND, kbc)?;
+    io.insert(pci::PCI_CONFIG_PORT, pci::PCI_CONFIG_PORTS, Arc::new(Mutex::new(pci::PciConfigIo::new())))?;
+    io.insert(pm::PM_BASE, pm::PM_PORTS, Arc::new(Mutex::new(pm::AcpiPm::new())))
 }
 
 /// Locks a device even if a previous holder panicked: device state stays usable, and the panic
@@ -153,5 +178,19 @@ mod tests {
         bus.read(0x104, &mut b);
         assert_eq!(b[0], 0x20);
         assert!(matches!(bus.read(0x105, &mut b), BusResult::Unhandled));
+    }
+
+    #[test]
+    fn windows_give_one_device_ports_apart() {
+        let mut bus = IoBus::default();
+        let echo = Arc::new(Mutex::new(Echo(0x10)));
+        bus.insert_window(0x60, 1, 0, echo.clone()).unwrap();
+        bus.insert_window(0x64, 1, 4, echo).unwrap();
+        let mut b = [0u8; 1];
+        bus.read(0x64, &mut b);
+        assert_eq!(b[0], 0x14, "port 0x64 is offset 4");
+        bus.read(0x60, &mut b);
+        assert_eq!(b[0], 0x10);
+        assert!(matches!(bus.read(0x62, &mut b), BusResult::Unhandled), "the ports between stay free");
     }
 }

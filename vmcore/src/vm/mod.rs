@@ -155,9 +155,10 @@ impl VmBuilder {
         io.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::new(below_4g, above_4g, self.vcpus, cmos::host_clock()))))?;
         let fw_cfg = Arc::new(Mutex::new(FwCfg::new(self.memory, self.vcpus)));
         io.insert(FW_CFG_PORT, FW_CFG_PORTS, fw_cfg.clone())?;
+        crate::devices::insert_platform(&mut io)?;
         // What a PC's firmware would leave: BIOS data area, MP table, ACPI tables.
         bios::write_bios_area(&ram, self.vcpus)?;
-        acpi::write_tables(&ram, self.vcpus)?;
+        acpi::write_tables(&ram, self.vcpus, &[])?;
 
         let count = vcpus.len();
         let machine = Machine {
@@ -514,6 +515,9 @@ impl Vm {
         self.machine.mmio.insert(base, virtio::MMIO_SIZE, transport.clone())?;
         log::debug!("added {} as virtio-mmio device {index} at {base:#x}, GSI {gsi}", info.description);
         slots.push(VirtioSlot { _worker: worker, info: info.clone(), net, _transport: transport });
+        // The DSDT describes every virtio device, so the tables are written again with this one.
+        let all: Vec<VirtioInfo> = slots.iter().map(|s| s.info.clone()).collect();
+        acpi::write_tables(&self.machine.ram, self.machine.vcpus.len(), &all)?;
         Ok(info)
     }
 

@@ -45,6 +45,7 @@ pub fn kvm() -> bool {
     ok
 }
 
+#[allow(dead_code)] // not every test file builds the default VM
 pub fn small_vm() -> Vm {
     VmBuilder::new().memory(32 << 20).build().expect("a VM")
 }
