@@ -140,8 +140,9 @@ impl NativeVm {
     /// booted as a table.
     fn load_linux(&self, lua: &Lua, kernel: &Value, opts: &Value) -> Res<Table> {
         let kernel = args::path(kernel, "kernel")?;
-        let opts = args::options(opts, "load_linux options", &["initrd", "cmdline", "protocol", "decompress"])?;
-        let (mut initrd, mut cmdline, mut protocol, mut decompress) = (None, "console=ttyS0".to_string(), LinuxProtocol::Auto, true);
+        let opts = args::options(opts, "load_linux options", &["initrd", "cmdline", "protocol", "decompress", "adapt_to_host"])?;
+        let (mut initrd, mut cmdline, mut protocol) = (None, "console=ttyS0".to_string(), LinuxProtocol::Auto);
+        let (mut decompress, mut adapt_to_host) = (true, true);
         if let Some(t) = opts {
             match t.raw_get::<Value>("initrd")? {
                 Value::Nil => {}
@@ -155,19 +156,22 @@ impl NativeVm {
                 Value::Nil => {}
                 v => protocol = core(args::text(&v, "protocol")?.parse())?,
             }
-            match t.raw_get::<Value>("decompress")? {
-                Value::Nil => {}
-                Value::Boolean(b) => decompress = b,
-                v => return Err(bad(format!("decompress must be a boolean, got {}", describe(&v)))),
+            for (key, flag) in [("decompress", &mut decompress), ("adapt_to_host", &mut adapt_to_host)] {
+                match t.raw_get::<Value>(key)? {
+                    Value::Nil => {}
+                    Value::Boolean(b) => *flag = b,
+                    v => return Err(bad(format!("{key} must be a boolean, got {}", describe(&v)))),
+                }
             }
         }
         self.pump.refuse_in_static_cpuid("load an image")?;
-        let k = core(self.get()?.load_linux(&kernel, initrd.as_deref(), &cmdline, protocol, decompress))?;
+        let k = core(self.get()?.load_linux(&kernel, initrd.as_deref(), &cmdline, protocol, decompress, adapt_to_host))?;
         let t = lua.create_table()?;
         t.raw_set("format", k.format)?;
         t.raw_set("version", k.version)?;
         t.raw_set("compression", k.compression.map(|c| c.as_str()))?;
         t.raw_set("protocol", k.protocol.as_str())?;
+        t.raw_set("cmdline", k.cmdline)?;
         t.raw_set("entry", int(k.image.entry.address))?;
         t.raw_set("kernel", lua.create_sequence_from([int(k.kernel.0), int(k.kernel.1)])?)?;
         if let Some((at, len)) = k.initrd {

@@ -236,7 +236,9 @@ impl NativeVm {
     }
 
     /// Loads a Linux kernel; returns what was booted as a dict for `vmcore.LinuxKernel`.
-    #[pyo3(signature = (kernel, initrd, cmdline, protocol, decompress))]
+    // One argument per keyword of `vmcore.Vm.load_linux`.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (kernel, initrd, cmdline, protocol, decompress, adapt_to_host))]
     fn load_linux<'py>(
         &self,
         py: Python<'py>,
@@ -245,9 +247,10 @@ impl NativeVm {
         cmdline: &str,
         protocol: &str,
         decompress: bool,
+        adapt_to_host: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         let protocol = protocol.parse().py_err(py)?;
-        let k = self.get()?.load_linux(&kernel, initrd.as_deref(), cmdline, protocol, decompress).py_err(py)?;
+        let k = self.get()?.load_linux(&kernel, initrd.as_deref(), cmdline, protocol, decompress, adapt_to_host).py_err(py)?;
         let d = PyDict::new(py);
         d.set_item("format", k.format)?;
         d.set_item("version", k.version)?;
@@ -256,6 +259,7 @@ impl NativeVm {
         d.set_item("entry", k.image.entry.address)?;
         d.set_item("kernel", k.kernel)?;
         d.set_item("initrd", k.initrd)?;
+        d.set_item("cmdline", k.cmdline)?;
         Ok(d)
     }
 

@@ -41,6 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &cmdline,
         protocol,
         on_host,
+        true,
     )?;
     eprintln!("[boot_linux] {loaded:?}");
     let started = Instant::now();

@@ -26,6 +26,23 @@ pub fn kvm_flavour() -> &'static str {
         .unwrap_or("unknown")
 }
 
+/// Linux command-line parameters that keep a guest kernel off instructions this host's KVM
+/// cannot run in kernel mode and vmcore does not emulate; empty where KVM runs guest code on
+/// VT-x/AMD-V.
+///
+/// On kvm_pvm, KVM's emulator runs kernel code and fails on SIMD instructions beyond plain SSE
+/// moves. `noxsave` keeps Linux's AVX and AVX-512 paths off (and makes its context switches use
+/// FXSAVE, which KVM runs, instead of XSAVES, which vmcore would emulate at every switch);
+/// `clearcpuid=137` (X86_FEATURE_SSSE3) keeps its RNG's built-in BLAKE2s on the generic code
+/// instead of the SSSE3 one. Userspace still sees and uses every feature: it runs natively.
+pub fn linux_cmdline_adaptations() -> &'static str {
+    if kvm_flavour() == "kvm_pvm" {
+        "noxsave clearcpuid=137"
+    } else {
+        ""
+    }
+}
+
 /// The capabilities vmcore uses, and whether this host's KVM has them.
 pub fn capabilities() -> Vec<(&'static str, bool)> {
     use kvm_bindings::*;

@@ -80,6 +80,8 @@ class LinuxKernel:
     """Guest-physical start and end of the kernel."""
     initrd: Optional[Tuple[int, int]]
     """Guest-physical address and size of the initrd."""
+    cmdline: str
+    """The command line the kernel gets, host adaptations included."""
 
 
 @dataclass(frozen=True)
@@ -484,6 +486,7 @@ class Vm:
         *,
         protocol: LinuxProtocol = "auto",
         decompress: bool = True,
+        adapt_to_host: bool = True,
     ) -> LinuxKernel:
         """Loads a Linux kernel, a bzImage or an ELF ``vmlinux``, with its initrd and command line.
 
@@ -492,12 +495,20 @@ class Vm:
         ``decompress=False`` the guest runs the bzImage's own decompressor, which takes minutes
         on hosts that emulate guest kernel code. ``protocol="auto"`` enters through PVH when the
         kernel carries a PVH note and through the 64-bit boot protocol otherwise; ``"pvh"`` and
-        ``"linux64"`` insist on one. The memory map, ACPI tables and command line are what a PC
+        ``"linux64"`` insist on one. With ``adapt_to_host`` (the default), parameters that keep
+        the kernel off instructions this host's KVM cannot run in kernel mode are appended (on
+        kvm_pvm hosts ``noxsave clearcpuid=137``; nothing on VT-x/AMD-V); the final command line
+        is in the result's ``cmdline``. The memory map, ACPI tables and command line are what a PC
         firmware and boot loader would hand over. Raises :class:`~vmcore.LoadError` for a file
         that is not a Linux kernel, is truncated, or does not fit in the VM's memory.
         """
         info = self._native.load_linux(
-            os.fspath(kernel), None if initrd is None else os.fspath(initrd), cmdline, protocol, decompress
+            os.fspath(kernel),
+            None if initrd is None else os.fspath(initrd),
+            cmdline,
+            protocol,
+            decompress,
+            adapt_to_host,
         )
         return LinuxKernel(**info)
 

@@ -415,7 +415,7 @@ impl Vm {
         let kernel = kernel.expect("load_with ran the loader");
         lock(&self.machine.fw_cfg).set_kernel(image, opts.cmdline);
         log::info!(
-            "loaded Linux {} {} from {name} ({}) at {:#x}-{:#x}, entered with {}{}",
+            "loaded Linux {} {} from {name} ({}) at {:#x}-{:#x}, entered with {}{}, command line {:?}",
             kernel.format,
             kernel.version.as_deref().unwrap_or(""),
             kernel.compression.map_or("decompressed in the guest".to_string(), |c| format!("{} payload decompressed on the host", c.as_str())),
@@ -423,6 +423,7 @@ impl Vm {
             kernel.kernel.1,
             kernel.protocol.as_str(),
             kernel.initrd.map_or(String::new(), |(at, len)| format!(", initrd {len} bytes at {at:#x}")),
+            kernel.cmdline,
         );
         Ok(kernel)
     }
@@ -435,10 +436,11 @@ impl Vm {
         cmdline: &str,
         protocol: LinuxProtocol,
         decompress_on_host: bool,
+        adapt_to_host: bool,
     ) -> Result<LinuxKernel> {
         let image = read_file(kernel)?;
         let initrd = initrd.map(read_file).transpose()?;
-        let opts = LinuxOptions { cmdline, initrd: initrd.as_deref(), protocol, decompress_on_host };
+        let opts = LinuxOptions { cmdline, initrd: initrd.as_deref(), protocol, decompress_on_host, adapt_to_host };
         self.load_linux_bytes(&image, &kernel.display().to_string(), &opts)
     }
 

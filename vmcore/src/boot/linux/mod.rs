@@ -105,6 +105,8 @@ pub struct LinuxOptions<'a> {
     /// Decompress a bzImage on the host and enter the kernel proper (the default); otherwise
     /// the guest runs the bzImage's own decompressor.
     pub decompress_on_host: bool,
+    /// Append [`crate::host::linux_cmdline_adaptations`] to the command line (the default).
+    pub adapt_to_host: bool,
 }
 
 impl Default for LinuxOptions<'_> {
@@ -114,6 +116,7 @@ impl Default for LinuxOptions<'_> {
             initrd: None,
             protocol: LinuxProtocol::Auto,
             decompress_on_host: true,
+            adapt_to_host: true,
         }
     }
 }
@@ -134,6 +137,8 @@ pub struct LinuxKernel {
     pub kernel: (u64, u64),
     /// Guest-physical address and size of the initrd.
     pub initrd: Option<(u64, u64)>,
+    /// The command line the kernel gets, with any host adaptations.
+    pub cmdline: String,
 }
 
 /// Loads a Linux kernel image (bzImage or ELF vmlinux); `name` appears in errors.
@@ -181,7 +186,8 @@ pub fn load_linux(
     let limit = header
         .as_ref()
         .map_or(CMDLINE_LIMIT, BzHeader::cmdline_size);
-    let cmdline = command_line(opts.cmdline, limit).map_err(&fail)?;
+    let text = with_adaptations(opts.cmdline, opts.adapt_to_host.then(crate::host::linux_cmdline_adaptations));
+    let cmdline = command_line(&text, limit).map_err(&fail)?;
     let protocol =
         match (opts.protocol, placed.pvh_entry) {
             (LinuxProtocol::Pvh | LinuxProtocol::Auto, Some(_)) => LinuxProtocol::Pvh,
@@ -226,7 +232,7 @@ pub fn load_linux(
                 ram,
                 header.as_ref().map(|h| h.raw),
                 initrd,
-                opts.cmdline.len(),
+                text.len(),
             )?;
             EntryPoint {
                 rsi: BOOT_INFO_START,
@@ -245,7 +251,22 @@ pub fn load_linux(
         version: header.and_then(|h| h.version),
         kernel: placed.range,
         initrd,
+        cmdline: text,
     })
+}
+
+/// `cmdline` followed by those of `adaptations` it does not already set (by parameter name).
+fn with_adaptations(cmdline: &str, adaptations: Option<&str>) -> String {
+    let name = |param: &str| param.split('=').next().unwrap_or_default().to_string();
+    let given: Vec<String> = cmdline.split_whitespace().map(name).collect();
+    let mut text = cmdline.to_string();
+    for param in adaptations.unwrap_or_default().split_whitespace() {
+        if !given.contains(&name(param)) {
+            text.push(' ');
+            text.push_str(param);
+        }
+    }
+    text
 }
 
 /// A bzImage's setup header, checked against the file it came from.
@@ -705,6 +726,7 @@ mod tests {
         let opts = LinuxOptions {
             cmdline: "console=ttyS0 quiet",
             initrd: Some(&initrd),
+            adapt_to_host: false,
             ..Default::default()
         };
         let k = load_linux(&ram, &image, "bz", &opts).unwrap();
@@ -712,6 +734,7 @@ mod tests {
             (k.format, k.compression, k.protocol),
             ("bzImage", Some(Compression::Gzip), LinuxProtocol::Linux64)
         );
+        assert_eq!(k.cmdline, "console=ttyS0 quiet");
         assert_eq!(k.version.as_deref(), Some("6.1.0-vm"));
         assert_eq!(
             k.image.entry,
@@ -814,6 +837,14 @@ mod tests {
         };
         let err = load_linux(&ram, &vmlinux(&[0; 16], false), "plain", &opts).unwrap_err();
         assert!(err.to_string().contains("no PVH entry note"), "{err}");
+    }
+
+    #[test]
+    fn host_adaptations_are_appended_unless_the_command_line_sets_them() {
+        assert_eq!(with_adaptations("console=ttyS0", Some("noxsave clearcpuid=137")), "console=ttyS0 noxsave clearcpuid=137");
+        assert_eq!(with_adaptations("console=ttyS0 clearcpuid=1", Some("noxsave clearcpuid=137")), "console=ttyS0 clearcpuid=1 noxsave");
+        assert_eq!(with_adaptations("quiet", Some("")), "quiet");
+        assert_eq!(with_adaptations("quiet", None), "quiet");
     }
 
     #[test]
