@@ -224,6 +224,15 @@ impl NativeVm {
         Ok(t)
     }
 
+    /// The serial console (`port` nil) or the console of virtio device `port`.
+    fn console(&self, port: &Value) -> Res<ConsoleRef> {
+        let vm = self.get()?;
+        match port {
+            Value::Nil => Ok(ConsoleRef::Serial(vm)),
+            index => Ok(ConsoleRef::Virtio(core(vm.virtio_console(args::count(index, "console index")?))?)),
+        }
+    }
+
     fn net(&self, index: &Value) -> Res<Arc<NetPort>> {
         core(self.get()?.net_port(args::count(index, "device index")?))
     }
@@ -235,6 +244,22 @@ impl NativeVm {
             return Err(Error::Memory(format!("cannot read {length} bytes: the guest has {size} bytes of RAM")).into());
         }
         Ok(())
+    }
+}
+
+/// A VM's serial console, or one of its virtio consoles.
+enum ConsoleRef {
+    Serial(Arc<Vm>),
+    Virtio(Arc<vmcore::console::Console>),
+}
+
+impl std::ops::Deref for ConsoleRef {
+    type Target = vmcore::console::Console;
+    fn deref(&self) -> &vmcore::console::Console {
+        match self {
+            ConsoleRef::Serial(vm) => vm.console(),
+            ConsoleRef::Virtio(c) => c,
+        }
     }
 }
 
@@ -405,14 +430,17 @@ impl UserData for NativeVm {
             Ok(list)
         });
 
-        method(m, "console_output", |lua, this, ()| Ok(lua.create_string(this.get()?.console().output())?));
-        method(m, "console_output_bytes", |lua, this, ()| Ok(lua.create_string(this.get()?.console().output_bytes())?));
-        method(m, "console_tail", |lua, this, ()| Ok(lua.create_string(this.get()?.console().tail())?));
-        method(m, "console_send", |_, this, data: Value| {
-            let data = args::bytes(&data, "data")?;
-            core(this.get()?.console().send(&data))
+        method(m, "console_output", |lua, this, port: Value| Ok(lua.create_string(this.console(&port)?.output())?));
+        method(m, "console_output_bytes", |lua, this, port: Value| {
+            Ok(lua.create_string(this.console(&port)?.output_bytes())?)
         });
-        method(m, "console_expect", |lua, this, (pattern, t, dispatch): (Value, Value, Value)| {
+        method(m, "console_tail", |lua, this, port: Value| Ok(lua.create_string(this.console(&port)?.tail())?));
+        method(m, "console_send", |_, this, (data, port): (Value, Value)| {
+            let data = args::bytes(&data, "data")?;
+            core(this.console(&port)?.send(&data))
+        });
+        method(m, "add_console", |lua, this, ()| Ok(virtio_table(lua, &core(this.get()?.add_console())?.0)?));
+        method(m, "console_expect", |lua, this, (pattern, t, dispatch, port): (Value, Value, Value, Value)| {
             let pattern = args::text(&pattern, "pattern")?;
             let t = match t {
                 Value::Nil => Value::Number(DEFAULT_EXPECT_SECONDS),
@@ -420,8 +448,9 @@ impl UserData for NativeVm {
             };
             let forever = Duration::from_secs_f64(args::FOREVER_SECONDS);
             let t = args::timeout(&t, "expect timeout")?.unwrap_or(forever);
-            let found = core(this.pump.pumped(lua, &dispatch, &*this.get()?, "wait for console output", |vm| {
-                vm.console().expect(&pattern, t)
+            let console = this.console(&port)?;
+            let found = core(this.pump.pumped(lua, &dispatch, &*this.get()?, "wait for console output", |_| {
+                console.expect(&pattern, t)
             })?)?;
             Ok(match_table(lua, found)?)
         });

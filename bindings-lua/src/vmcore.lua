@@ -87,28 +87,28 @@ local console_methods, console_fields = {}, {}
 local Console = class("vmcore.Console", console_methods, console_fields)
 
 function console_fields.output(self)
-  return check(rawget(self, NATIVE):console_output())
+  return check(rawget(self, NATIVE):console_output(rawget(self, INDEX)))
 end
 
 function console_fields.output_bytes(self)
-  return check(rawget(self, NATIVE):console_output_bytes())
+  return check(rawget(self, NATIVE):console_output_bytes(rawget(self, INDEX)))
 end
 
 function console_methods.tail(self)
-  return check(native_of(self, Console, "tail"):console_tail())
+  return check(native_of(self, Console, "tail"):console_tail(rawget(self, INDEX)))
 end
 
 function console_methods.send(self, data)
-  return check(native_of(self, Console, "send"):console_send(data))
+  return check(native_of(self, Console, "send"):console_send(data, rawget(self, INDEX)))
 end
 
 function console_methods.expect(self, pattern, timeout)
   local handle = native_of(self, Console, "expect")
-  return setmetatable(check(handle:console_expect(pattern, timeout, rawget(self, DISPATCH))), Match)
+  return setmetatable(check(handle:console_expect(pattern, timeout, rawget(self, DISPATCH), rawget(self, INDEX))), Match)
 end
 
 function Console.__tostring(self)
-  local ok, out = rawget(self, NATIVE):console_output_bytes()
+  local ok, out = rawget(self, NATIVE):console_output_bytes(rawget(self, INDEX))
   return ok and format("vmcore.Console (%d bytes)", #out) or "vmcore.Console (closed)"
 end
 
@@ -602,6 +602,14 @@ function vm_methods.add_net(self, opts)
     net:on_packet(on_packet)
   end
   return net
+end
+
+--- vm:add_console(): a virtio-console device, a second console (Linux's /dev/hvc0) with the same
+--- output, expect, send and tail as vm.console.
+function vm_methods.add_console(self)
+  local handle = native_of(self, Vm, "add_console")
+  local device = check(handle:add_console())
+  return setmetatable({ [NATIVE] = handle, [DISPATCH] = rawget(self, DISPATCH), [INDEX] = device.index }, Console)
 end
 
 function vm_fields.virtio_devices(self)

@@ -156,6 +156,33 @@ impl NativeVm {
     }
 }
 
+/// A VM's serial console, or one of its virtio consoles.
+enum ConsoleRef {
+    Serial(Arc<Vm>),
+    Virtio(Arc<vmcore::console::Console>),
+}
+
+impl std::ops::Deref for ConsoleRef {
+    type Target = vmcore::console::Console;
+    fn deref(&self) -> &vmcore::console::Console {
+        match self {
+            ConsoleRef::Serial(vm) => vm.console(),
+            ConsoleRef::Virtio(c) => c,
+        }
+    }
+}
+
+impl NativeVm {
+    /// The serial console (`port` None) or the console of virtio device `port`.
+    fn console(&self, py: Python<'_>, port: Option<usize>) -> PyResult<ConsoleRef> {
+        let vm = self.get()?;
+        match port {
+            None => Ok(ConsoleRef::Serial(vm)),
+            Some(index) => vm.virtio_console(index).map(ConsoleRef::Virtio).py_err(py),
+        }
+    }
+}
+
 impl Drop for NativeVm {
     fn drop(&mut self) {
         // Dropping a running VM stops it and joins its threads, which may log through
@@ -375,39 +402,45 @@ impl NativeVm {
         }
     }
 
-    fn console_output(&self) -> PyResult<String> {
-        Ok(self.get()?.console().output())
+    #[pyo3(signature = (port=None))]
+    fn console_output(&self, py: Python<'_>, port: Option<usize>) -> PyResult<String> {
+        Ok(self.console(py, port)?.output())
     }
 
-    fn console_output_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        Ok(PyBytes::new(py, &self.get()?.console().output_bytes()))
+    #[pyo3(signature = (port=None))]
+    fn console_output_bytes<'py>(&self, py: Python<'py>, port: Option<usize>) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, &self.console(py, port)?.output_bytes()))
     }
 
     /// Output from byte `offset` on, waiting up to `timeout` seconds for some (GIL released).
-    fn console_read(&self, py: Python<'_>, offset: usize, timeout: f64) -> PyResult<Py<PyBytes>> {
+    #[pyo3(signature = (offset, timeout, port=None))]
+    fn console_read(&self, py: Python<'_>, offset: usize, timeout: f64, port: Option<usize>) -> PyResult<Py<PyBytes>> {
         let timeout = seconds(Some(timeout), "timeout")?.unwrap_or(Duration::MAX);
-        let vm = self.get()?;
-        let data = py.detach(move || vm.console().read_from(offset, timeout));
+        let console = self.console(py, port)?;
+        let data = py.detach(move || console.read_from(offset, timeout));
         Ok(PyBytes::new(py, &data).unbind())
     }
 
-    fn console_tail(&self) -> PyResult<String> {
-        Ok(self.get()?.console().tail())
+    #[pyo3(signature = (port=None))]
+    fn console_tail(&self, py: Python<'_>, port: Option<usize>) -> PyResult<String> {
+        Ok(self.console(py, port)?.tail())
     }
 
     /// Returns (text, start, end, groups, names).
     #[allow(clippy::type_complexity)]
+    #[pyo3(signature = (pattern, timeout, port=None))]
     fn console_expect(
         &self,
         py: Python<'_>,
         pattern: String,
         timeout: f64,
+        port: Option<usize>,
     ) -> PyResult<(String, usize, usize, Vec<Option<String>>, Vec<Option<String>>)> {
         let timeout = seconds(Some(timeout), "timeout")?.unwrap_or(Duration::MAX);
-        let vm = self.get()?;
+        let console = self.console(py, port)?;
         let mut interrupt: Option<PyErr> = None;
         let result = py.detach(|| {
-            vm.console().expect_while(&pattern, timeout, || {
+            console.expect_while(&pattern, timeout, || {
                 Python::attach(|py| match py.check_signals() {
                     Ok(()) => true,
                     Err(e) => {
@@ -424,8 +457,15 @@ impl NativeVm {
         }
     }
 
-    fn console_send(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        self.get()?.console().send(data).py_err(py)
+    #[pyo3(signature = (data, port=None))]
+    fn console_send(&self, py: Python<'_>, data: &[u8], port: Option<usize>) -> PyResult<()> {
+        self.console(py, port)?.send(data).py_err(py)
+    }
+
+    /// Adds a virtio-console device; returns its description.
+    fn add_console<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (info, _) = self.get()?.add_console().py_err(py)?;
+        virtio_dict(py, &info)
     }
 
     fn registers(&self, py: Python<'_>, vcpu: usize) -> PyResult<Vec<(&'static str, u64)>> {

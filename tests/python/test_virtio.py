@@ -211,3 +211,29 @@ def test_devices_leave_no_threads_or_descriptors_behind(vm_factory, guests, imag
         del a_net, b_net
     gc.collect()
     assert _counts_back_to((fds, threads)) == (fds, threads)
+
+
+def test_a_virtio_console_carries_text_both_ways(vm_factory, guests):
+    vm = vm_factory(memory="32M")
+    hvc = vm.add_console()
+    (device,) = vm.virtio_devices
+    assert device.kind == "console"
+    s = Script()
+    s.bring_up(device.base, [0, 1])
+    vm.write_phys(HEADER, b"hello from hvc0\n")
+    desc(vm, 1, 0, HEADER, 16, 0)
+    vm.write_phys(rings(1)[1] + 2, struct.pack("<H", 1))
+    s.write(device.base + 0x50, 1)
+    s.wait16(rings(0)[2] + 2, 1)
+    s.load(vm)
+    desc(vm, 0, 0, DATA, 64, 2)
+    vm.write_phys(rings(0)[1] + 2, struct.pack("<H", 1))
+    vm.load_flat(guests.bytes("mmio-script.bin"))
+    vm.start(timeout=20)
+    assert hvc.expect(r"hello from (\w+)", timeout=10).group(1) == "hvc0"
+    hvc.send("typed")
+    assert vm.wait().reason == "debug_exit"
+    assert vm.read_phys(DATA, 5) == b"typed"
+    assert "hvc0" not in vm.console.output, "COM1 is a separate console"
+    with pytest.raises(vmcore.ConsoleClosed):
+        hvc.expect("never printed", timeout=5)

@@ -200,30 +200,32 @@ def _cpuid_answer(answer: Any) -> Tuple[int, int, int, int]:
 
 
 class Console:
-    """The guest's COM1 serial console: everything it printed, and a way to type into it."""
+    """A guest console: everything the guest printed there, and a way to type into it. ``vm.console``
+    is COM1; :meth:`Vm.add_console` adds virtio consoles (Linux's ``/dev/hvc0``)."""
 
-    def __init__(self, native: NativeVm) -> None:
+    def __init__(self, native: NativeVm, port: Optional[int] = None) -> None:
         self._native = native
+        self._port = port
 
     @property
     def output(self) -> str:
         """Everything the guest has printed so far (UTF-8, invalid bytes replaced)."""
-        return self._native.console_output()
+        return self._native.console_output(self._port)
 
     @property
     def output_bytes(self) -> bytes:
         """Everything the guest has printed so far, as raw bytes."""
-        return self._native.console_output_bytes()
+        return self._native.console_output_bytes(self._port)
 
     def tail(self) -> str:
         """The last ~2000 characters of output."""
-        return self._native.console_tail()
+        return self._native.console_tail(self._port)
 
     def read(self, offset: int, timeout: float = 0.1) -> bytes:
         """The raw output from byte ``offset`` on, waiting up to ``timeout`` seconds for some to
         arrive (``b""`` if none did, or the VM is not running). For streaming the console
         elsewhere: keep ``offset += len(chunk)``."""
-        return self._native.console_read(offset, float(timeout))
+        return self._native.console_read(offset, float(timeout), self._port)
 
     def expect(self, pattern: Union[str, "re.Pattern[str]"], timeout: float = 10.0) -> ConsoleMatch:
         """Waits up to ``timeout`` seconds for ``pattern`` in the output after the previous match.
@@ -235,18 +237,20 @@ class Console:
         """
         if isinstance(pattern, re.Pattern):
             pattern = pattern.pattern
-        text, start, end, groups, names = self._native.console_expect(pattern, float(timeout))
+        text, start, end, groups, names = self._native.console_expect(pattern, float(timeout), self._port)
         return ConsoleMatch(text, start, end, tuple(groups), tuple(names))
 
     def send(self, data: Union[str, bytes]) -> None:
-        """Types ``data`` into the guest's serial receiver (str is sent as UTF-8). Nothing is
-        dropped: what the 16-byte FIFO cannot take waits until the guest reads."""
+        """Types ``data`` into the console (str is sent as UTF-8). On COM1 nothing is dropped:
+        what the 16-byte FIFO cannot take waits until the guest reads; a virtio console keeps up
+        to 1 MiB waiting for the guest's receive buffers."""
         if isinstance(data, str):
             data = data.encode()
-        self._native.console_send(bytes(data))
+        self._native.console_send(bytes(data), self._port)
 
     def __repr__(self) -> str:
-        return f"<vmcore.Console {len(self.output_bytes)} bytes>"
+        where = "" if self._port is None else f" virtio {self._port}"
+        return f"<vmcore.Console{where} {len(self.output_bytes)} bytes>"
 
 
 class Registers:
@@ -329,7 +333,7 @@ class VirtioDevice:
     index: int
     """Position among the VM's virtio devices (the ACPI ``_UID``)."""
     kind: str
-    """``"block"``, ``"net"`` or ``"rng"``."""
+    """``"block"``, ``"net"``, ``"rng"`` or ``"console"``."""
     base: int
     """Guest-physical address of its register window (0x200 bytes)."""
     gsi: int
@@ -547,6 +551,12 @@ class Vm:
         """Adds a virtio-rng device (before the first run): the guest's ``hwrng`` reads the
         host's getrandom."""
         return VirtioDevice(**self._native.add_rng())
+
+    def add_console(self) -> Console:
+        """Adds a virtio-console device (before the first run): a second console beside COM1,
+        Linux's ``/dev/hvc0`` once ``virtio_console`` is loaded, with the same ``expect``,
+        ``send`` and ``tail``."""
+        return Console(self._native, self._native.add_console()["index"])
 
     @property
     def virtio_devices(self) -> List[VirtioDevice]:

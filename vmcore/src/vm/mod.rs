@@ -289,6 +289,11 @@ impl Machine {
             _ => log::info!("run ended: {outcome}"),
         }
         self.console.set_live(false, &outcome.to_string());
+        for slot in lock(&self.virtio).iter() {
+            if let Some(c) = &slot.console {
+                c.set_live(false, &outcome.to_string());
+            }
+        }
         lock(&self.run).phase = Phase::Ended(outcome);
         self.changed.notify_all();
     }
@@ -312,6 +317,8 @@ struct VirtioSlot {
     info: VirtioInfo,
     /// A network device's outside (frames in and out).
     net: Option<Arc<NetPort>>,
+    /// A console device's output and input.
+    console: Option<Arc<Console>>,
     _transport: Arc<Mutex<VirtioMmio>>,
 }
 
@@ -448,12 +455,12 @@ impl Vm {
     /// 20 bytes) is what the guest reads as the disk's ID.
     pub fn add_disk(&self, path: &Path, readonly: bool, serial: Option<&str>) -> Result<VirtioInfo> {
         let options = DiskOptions { readonly, serial: serial.map(str::to_string) };
-        self.add_virtio(Box::new(Block::open(path, &options)?), None)
+        self.add_virtio(Box::new(Block::open(path, &options)?), None, None)
     }
 
     /// Adds a virtio-rng device (entropy from the host's getrandom), before the first run.
     pub fn add_rng(&self) -> Result<VirtioInfo> {
-        self.add_virtio(Box::new(virtio::rng::Rng::new()), None)
+        self.add_virtio(Box::new(virtio::rng::Rng::new()), None, None)
     }
 
     /// Adds a virtio-net device (before the first run). Returns its port: inject frames, link it
@@ -461,8 +468,25 @@ impl Vm {
     pub fn add_net(&self, options: &NetOptions) -> Result<(VirtioInfo, Arc<NetPort>)> {
         let device = Net::new(options)?;
         let port = device.port();
-        let info = self.add_virtio(Box::new(device), Some(port.clone()))?;
+        let info = self.add_virtio(Box::new(device), Some(port.clone()), None)?;
         Ok((info, port))
+    }
+
+    /// Adds a virtio-console device (before the first run): a second console, Linux's
+    /// `/dev/hvc0`, with the same `expect`, `tail` and `send` as the serial one.
+    pub fn add_console(&self) -> Result<(VirtioInfo, Arc<Console>)> {
+        let console = Arc::new(Console::new(None)?);
+        let device = virtio::console::VirtioConsole::new(&console)?;
+        let info = self.add_virtio(Box::new(device), None, Some(console.clone()))?;
+        Ok((info, console))
+    }
+
+    /// The console of virtio device `index`, if it is a console device.
+    pub fn virtio_console(&self, index: usize) -> Result<Arc<Console>> {
+        lock(&self.machine.virtio)
+            .get(index)
+            .and_then(|s| s.console.clone())
+            .ok_or_else(|| Error::Config(format!("virtio device {index} is not a console device of this VM")))
     }
 
     /// The port of virtio device `index`, if it is a network device.
@@ -480,7 +504,12 @@ impl Vm {
 
     /// Puts `device` on the MMIO bus behind a virtio-mmio transport: the next free window and GSI,
     /// an irqfd for its interrupt, an ioeventfd per queue on QueueNotify, a worker thread.
-    fn add_virtio(&self, device: Box<dyn VirtioDevice>, net: Option<Arc<NetPort>>) -> Result<VirtioInfo> {
+    fn add_virtio(
+        &self,
+        device: Box<dyn VirtioDevice>,
+        net: Option<Arc<NetPort>>,
+        console: Option<Arc<Console>>,
+    ) -> Result<VirtioInfo> {
         {
             let st = lock(&self.machine.run);
             if st.has_run || matches!(st.phase, Phase::Running) {
@@ -516,7 +545,7 @@ impl Vm {
         }
         self.machine.mmio.insert(base, virtio::MMIO_SIZE, transport.clone())?;
         log::debug!("added {} as virtio-mmio device {index} at {base:#x}, GSI {gsi}", info.description);
-        slots.push(VirtioSlot { _worker: worker, info: info.clone(), net, _transport: transport });
+        slots.push(VirtioSlot { _worker: worker, info: info.clone(), net, console, _transport: transport });
         // The DSDT describes every virtio device, so the tables are written again with this one.
         let all: Vec<VirtioInfo> = slots.iter().map(|s| s.info.clone()).collect();
         acpi::write_tables(&self.machine.ram, self.machine.vcpus.len(), &all)?;
@@ -627,6 +656,11 @@ impl Vm {
         log::debug!("starting a run of {} vCPU(s)", self.machine.vcpus.len());
         self.machine.stop.store(false, Ordering::Release);
         self.machine.console.set_live(true, "running");
+        for slot in lock(&self.machine.virtio).iter() {
+            if let Some(c) = &slot.console {
+                c.set_live(true, "running");
+            }
+        }
         drop(st);
         let deadline = crate::deadline(timeout);
         // The vCPU threads start before the supervisor, so the guest does not wait for two

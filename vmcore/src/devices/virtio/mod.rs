@@ -1,4 +1,4 @@
-//! Virtio devices (block, network, entropy) on the virtio-mmio transport, version 2 ("modern").
+//! Virtio devices (block, network, entropy, console) on the virtio-mmio transport, version 2 ("modern").
 //!
 //! # Why virtio-mmio
 //!
@@ -36,6 +36,7 @@
 
 pub mod block;
 pub mod chain;
+pub mod console;
 pub mod net;
 pub mod rng;
 mod transport;
