@@ -566,7 +566,8 @@ fn paging32_works(py: Python<'_>) -> bool {
     py.detach(vmcore::host::paging32_works)
 }
 
-/// What kind of kernel image `data` is: "multiboot", "elf", "linux-bzimage" or "unknown".
+/// What kind of kernel image `data` is: "multiboot", "elf", "linux-bzimage", "linux-vmlinux" or
+/// "unknown".
 #[pyfunction]
 fn image_kind(data: &[u8]) -> &'static str {
     vmcore::boot::ImageKind::detect(data).as_str()
@@ -575,14 +576,18 @@ fn image_kind(data: &[u8]) -> &'static str {
 /// Facts about this host's KVM: flavour, API version, capabilities, probe results.
 #[pyfunction]
 fn host_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let (caps, int3, paging32) =
-        py.detach(|| (vmcore::host::capabilities(), vmcore::host::real_mode_int3_traps(), vmcore::host::paging32_works()));
+    let (caps, int3, paging32, syscalls) = py.detach(|| {
+        use vmcore::host;
+        (host::capabilities(), host::real_mode_int3_traps(), host::paging32_works(), host::user_syscalls_work())
+    });
     let d = PyDict::new(py);
     d.set_item("flavour", vmcore::host::kvm_flavour())?;
     d.set_item("api_version", vmcore::host::api_version())?;
     d.set_item("capabilities", caps.into_iter().collect::<std::collections::BTreeMap<_, _>>())?;
     d.set_item("real_mode_int3_traps", int3)?;
     d.set_item("paging32_works", paging32)?;
+    d.set_item("user_syscalls_work", syscalls)?;
+    d.set_item("linux_cmdline_adaptations", vmcore::host::linux_cmdline_adaptations())?;
     Ok(d)
 }
 

@@ -1,6 +1,7 @@
 //! Boots a Linux kernel with the console on stdout and prints how the run ended and what it
 //! cost: `cargo run --release --example boot_linux -- KERNEL [INITRD] [--cmdline ..] [--cpus N]
-//! [--memory 256M] [--timeout SECONDS] [--protocol auto|linux64|pvh] [--guest-decompress]`.
+//! [--memory 256M] [--timeout SECONDS] [--protocol auto|linux64|pvh] [--guest-decompress]
+//! [--no-syscall-fixup]`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (mut paths, mut cmdline, mut cpus, mut memory, mut timeout) =
         (Vec::new(), "console=ttyS0".to_string(), 1, 256 << 20, 600.0);
-    let (mut protocol, mut on_host) = (LinuxProtocol::Auto, true);
+    let (mut protocol, mut on_host, mut fixup) = (LinuxProtocol::Auto, true, true);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
@@ -24,13 +25,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--timeout" => timeout = value()?.parse()?,
             "--protocol" => protocol = value()?.parse()?,
             "--guest-decompress" => on_host = false,
+            "--no-syscall-fixup" => fixup = false,
             _ => paths.push(PathBuf::from(arg)),
         }
     }
     let kernel = paths
         .first()
         .ok_or("usage: boot_linux KERNEL [INITRD] [options]")?;
-    let vm = Vm::builder()
+    let mut builder = Vm::builder();
+    if !fixup {
+        builder = builder.syscall_fixup(false);
+    }
+    let vm = builder
         .memory(memory)
         .vcpus(cpus)
         .tee(Some(Tee::Stdout))

@@ -31,13 +31,15 @@ pub fn kvm_flavour() -> &'static str {
 /// VT-x/AMD-V.
 ///
 /// On kvm_pvm, KVM's emulator runs kernel code and fails on SIMD instructions beyond plain SSE
-/// moves. `noxsave` keeps Linux's AVX and AVX-512 paths off (and makes its context switches use
-/// FXSAVE, which KVM runs, instead of XSAVES, which vmcore would emulate at every switch);
-/// `clearcpuid=137` (X86_FEATURE_SSSE3) keeps its RNG's built-in BLAKE2s on the generic code
-/// instead of the SSSE3 one. Userspace still sees and uses every feature: it runs natively.
+/// moves, and on a few others vmcore then emulates at some 20 µs each. `noxsave` keeps Linux's
+/// AVX and AVX-512 paths off (and makes its context switches use FXSAVE, which KVM runs,
+/// instead of XSAVES); `clearcpuid=` takes away SSSE3 (137: its RNG's BLAKE2s would run SSSE3
+/// code), CX16 (141: SLUB would use CMPXCHG16B on every allocation) and SMAP (308: STAC/CLAC
+/// around every user-memory access). Userspace still sees and uses every feature: it runs
+/// natively.
 pub fn linux_cmdline_adaptations() -> &'static str {
     if kvm_flavour() == "kvm_pvm" {
-        "noxsave clearcpuid=137"
+        "noxsave clearcpuid=137,141,308"
     } else {
         ""
     }
@@ -75,6 +77,58 @@ pub fn api_version() -> Option<i32> {
 pub fn paging32_works() -> bool {
     static ANSWER: OnceLock<bool> = OnceLock::new();
     *ANSWER.get_or_init(|| probe_paging32().unwrap_or(false))
+}
+
+/// Whether a SYSCALL at guest CPL3 enters the guest's LSTAR handler at CPL0, as the
+/// architecture says. kvm_pvm jumps to LSTAR but leaves the guest in user mode, so a Linux
+/// guest's processes would die at their first system call; vmcore then completes the
+/// transition itself (`cpu::syscall_fixup`).
+pub fn user_syscalls_work() -> bool {
+    static ANSWER: OnceLock<bool> = OnceLock::new();
+    *ANSWER.get_or_init(|| probe_user_syscall().unwrap_or(true))
+}
+
+/// Drops to CPL3 (a GDT with user segments, the first 2 MiB made user-accessible) and runs
+/// SYSCALL into a handler that writes CS to the debug-exit port: from CPL0 that is a port
+/// exit; from CPL3 it is a #GP with no IDT, a triple fault.
+fn probe_user_syscall() -> Option<bool> {
+    const CODE: u64 = 0x10_0000;
+    #[rustfmt::skip]
+    let code = [
+        0x48, 0x83, 0x0C, 0x25, 0x00, 0x10, 0x00, 0x00, 0x04, // orq $4,0x1000 (PML4[0].U)
+        0x48, 0x83, 0x0C, 0x25, 0x00, 0x20, 0x00, 0x00, 0x04, // orq $4,0x2000 (PDPT[0].U)
+        0x48, 0x83, 0x0C, 0x25, 0x00, 0x30, 0x00, 0x00, 0x04, // orq $4,0x3000 (PD[0].U)
+        0x0F, 0x20, 0xD8, 0x0F, 0x22, 0xD8,                   // mov %cr3,%rax; mov %rax,%cr3
+        0x0F, 0x01, 0x15, 0x70, 0x00, 0x00, 0x00,             // lgdt gdtr(%rip)
+        0xB9, 0x80, 0x00, 0x00, 0xC0, 0x0F, 0x32,             // EFER: rdmsr
+        0x83, 0xC8, 0x01, 0x0F, 0x30,                         //   | SCE; wrmsr
+        0xB9, 0x81, 0x00, 0x00, 0xC0, 0x31, 0xC0,             // STAR: kernel CS 0x08,
+        0xBA, 0x08, 0x00, 0x13, 0x00, 0x0F, 0x30,             //   user base 0x13; wrmsr
+        0xB9, 0x82, 0x00, 0x00, 0xC0,                         // LSTAR =
+        0x48, 0x8D, 0x05, 0x1B, 0x00, 0x00, 0x00,             //   lea handler(%rip),%rax
+        0x31, 0xD2, 0x0F, 0x30,                               //   wrmsr
+        0x6A, 0x1B, 0x68, 0x00, 0x70, 0x00, 0x00,             // iretq frame: SS 0x1b, RSP 0x7000,
+        0x6A, 0x02, 0x6A, 0x23,                               //   RFLAGS 2, CS 0x23,
+        0x48, 0x8D, 0x05, 0x03, 0x00, 0x00, 0x00, 0x50,       //   RIP user
+        0x48, 0xCF,                                           // iretq
+        0x0F, 0x05,                                           // user: syscall
+        0x8C, 0xC8, 0xE7, 0xF4,                               // handler: mov %cs,%eax; out %eax,$0xf4
+        0x0F, 0x1F, 0x00,                                     // nop (align the GDT)
+        0, 0, 0, 0, 0, 0, 0, 0,                               // GDT: null,
+        0xFF, 0xFF, 0, 0, 0, 0x9B, 0xAF, 0,                   //   0x08 kernel code64
+        0xFF, 0xFF, 0, 0, 0, 0x93, 0xCF, 0,                   //   0x10 kernel data
+        0xFF, 0xFF, 0, 0, 0, 0xF3, 0xCF, 0,                   //   0x18 user data
+        0xFF, 0xFF, 0, 0, 0, 0xFB, 0xAF, 0,                   //   0x20 user code64
+        0x27, 0x00, 0x70, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, // gdtr
+    ];
+    let vm = crate::VmBuilder::new().memory(4 << 20).syscall_fixup(false).build().ok()?;
+    vm.load_flat(&code, CODE, crate::CpuMode::Long).ok()?;
+    let outcome = vm.run(Some(Duration::from_secs(2))).ok()?;
+    match outcome.reason {
+        crate::ExitReason::DebugExit => Some(outcome.code.is_some_and(|cs| cs & 3 == 0)),
+        crate::ExitReason::Shutdown => Some(false),
+        _ => None,
+    }
 }
 
 /// Enables 4 MiB-page 32-bit paging on an identity map and writes the debug-exit port.

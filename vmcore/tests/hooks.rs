@@ -299,3 +299,52 @@ fn site_trap_mode_answers_precise_hooks_without_single_stepping() {
     assert_eq!(vm.read_phys(symbol("cr.elf", "cr4_write"), 3).unwrap(), original);
     assert_eq!(vm.planted_sites(), 0);
 }
+
+/// Ports syscall.bin reports on: the CPL its SYSCALL handler runs at, and a page fault's RIP.
+const SYSCALL_CPL_PORT: u16 = 0x99;
+const SYSCALL_FAULT_PORT: u16 = 0x9a;
+
+fn syscall_guest(fixup: Option<bool>) -> (vmcore::Outcome, Vec<u64>, Vm) {
+    let mut builder = Vm::builder().memory(16 << 20);
+    if let Some(on) = fixup {
+        builder = builder.syscall_fixup(on);
+    }
+    let vm = builder.build().unwrap();
+    vm.load_flat(&guest("syscall.bin"), 0x100000, CpuMode::Long).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    vm.add_hook(
+        Trigger::Io { first: SYSCALL_CPL_PORT, last: SYSCALL_FAULT_PORT, reads: false, writes: true },
+        Arc::new(move |ev: &mut Event| {
+            s.lock().unwrap().push(ev.value.unwrap_or(u64::MAX));
+            Ok(())
+        }),
+    )
+    .unwrap();
+    let outcome = vm.run(FIVE_SECONDS).unwrap();
+    let seen = seen.lock().unwrap().clone();
+    (outcome, seen, vm)
+}
+
+#[test]
+fn system_calls_from_user_mode_reach_the_kernel_at_cpl0() {
+    if !kvm() {
+        return;
+    }
+    // By default (the fix-up exactly where the host needs it) three SYSCALL/SYSRET round trips
+    // run with the handler at CPL0, as on hardware.
+    let (outcome, cpls, vm) = syscall_guest(None);
+    assert_eq!((outcome.reason, outcome.code), (ExitReason::DebugExit, Some(0x10)), "{outcome}; ports {cpls:x?}");
+    assert_eq!(cpls, [0, 0, 0]);
+    let completed = vm.stats().emulated.get("syscall").copied().unwrap_or(0);
+    if vmcore::host::user_syscalls_work() {
+        assert_eq!(completed, 0, "nothing to complete where KVM does SYSCALL itself");
+    } else {
+        assert_eq!(completed, 3);
+        // Without it, this host leaves the first SYSCALL in user mode, and the fetch at LSTAR
+        // faults: the guest's #PF handler sees RIP == syscall_entry.
+        let (outcome, seen, _) = syscall_guest(Some(false));
+        assert_eq!((outcome.reason, outcome.code), (ExitReason::DebugExit, Some(0x51)), "{outcome}");
+        assert_eq!(seen.len(), 1, "{seen:x?}");
+    }
+}

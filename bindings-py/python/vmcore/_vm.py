@@ -501,7 +501,7 @@ class Vm:
         kernel carries a PVH note and through the 64-bit boot protocol otherwise; ``"pvh"`` and
         ``"linux64"`` insist on one. With ``adapt_to_host`` (the default), parameters that keep
         the kernel off instructions this host's KVM cannot run in kernel mode are appended (on
-        kvm_pvm hosts ``noxsave clearcpuid=137``; nothing on VT-x/AMD-V); the final command line
+        kvm_pvm hosts ``noxsave clearcpuid=137,141,308``: no AVX, SSSE3, CX16 or SMAP in the kernel; nothing on VT-x/AMD-V); the final command line
         is in the result's ``cmdline``. The memory map, ACPI tables and command line are what a PC
         firmware and boot loader would hand over. Raises :class:`~vmcore.LoadError` for a file
         that is not a Linux kernel, is truncated, or does not fit in the VM's memory.

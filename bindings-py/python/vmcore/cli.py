@@ -217,6 +217,12 @@ def info() -> int:
         "  precise hooks, site-trap mode, real-mode code: "
         + ("works" if facts["real_mode_int3_traps"] else "NOT available (int3 goes through the guest's IVT); use precise='step'")
     )
+    print(
+        "  SYSCALL from guest user mode: "
+        + ("works" if facts["user_syscalls_work"] else "left in user mode by KVM; vmcore completes each one (see docs/host.md)")
+    )
+    adaptations = facts["linux_cmdline_adaptations"]
+    print(f"  Linux kernels get: {adaptations or '(nothing added)'}")
     return 0
 
 

@@ -9,6 +9,7 @@ pub mod precise;
 pub mod kick;
 pub mod regs;
 pub mod sites;
+pub(crate) mod syscall_fixup;
 mod vcpu;
 
 pub use regs::{RegisterFile, REGISTER_NAMES};

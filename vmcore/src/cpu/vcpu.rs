@@ -14,6 +14,7 @@ use super::emulate::{self, Fallback};
 use super::exit::{call_hooks, complete, dispatch, hooked, Exit, Flow, MsrAccess};
 use super::precise::{self, Intercept, PreciseMode};
 use super::sites::Sites;
+use super::syscall_fixup;
 use super::kick::ArmedThread;
 use super::regs::RegisterFile;
 use crate::boot::EntryPoint;
@@ -60,6 +61,8 @@ pub struct VcpuEnv<'a> {
     pub stop: &'a AtomicBool,
     pub status: &'a VcpuStatus,
     pub stats: &'a Mutex<ExitStats>,
+    /// Finish SYSCALLs the host's KVM leaves in user mode (`syscall_fixup`).
+    pub syscall_fixup: bool,
 }
 
 pub struct Vcpu {
@@ -69,6 +72,8 @@ pub struct Vcpu {
     cpuid: CpuId,
     /// Whether KVM keeps registers in kvm_run after every exit (KVM_CAP_SYNC_REGS).
     sync_regs: bool,
+    /// The guest's #PF entry, breakpointed to finish half-done SYSCALLs (`syscall_fixup`).
+    syscall_entry: Option<u64>,
 }
 
 /// How KVM's guest debugging must be armed for the hooks that exist.
@@ -155,7 +160,7 @@ impl Vcpu {
         if sync_regs {
             fd.set_sync_valid_reg(SyncReg::Register);
         }
-        Ok(Vcpu { index, fd, cpuid: cpuid.clone(), sync_regs })
+        Ok(Vcpu { index, fd, cpuid: cpuid.clone(), sync_regs, syscall_entry: None })
     }
 
     pub fn index(&self) -> usize {
@@ -305,6 +310,16 @@ impl Vcpu {
                 Err(e) => return Some(vcpu.locate(Outcome::hook_error(e))),
             };
             complete(vcpu.fd.get_kvm_run(), &exit, &completion);
+            if env.syscall_fixup && matches!(exit, Exit::MsrWrite { index: syscall_fixup::MSR_LSTAR, .. }) {
+                // The guest has its IDT by the time it sets LSTAR; follow its #PF entry.
+                let entry = vcpu.registers().ok().and_then(|rf| syscall_fixup::page_fault_entry(env.ram, &rf));
+                if entry != vcpu.syscall_entry {
+                    vcpu.syscall_entry = entry;
+                    if let Err(e) = vcpu.arm_debug(&plan, stepping_over, halting) {
+                        return Some(vcpu.locate(Outcome::internal(e.to_string())));
+                    }
+                }
+            }
             match flow {
                 Flow::Resume => {}
                 Flow::End(outcome) => return Some(vcpu.locate(outcome)),
@@ -354,6 +369,23 @@ impl Vcpu {
                         }
                     }
                 }
+                Flow::Debug { pc, .. }
+                    if !stepping_over && vcpu.syscall_entry == Some(pc) && !plan.breakpoints.contains(&pc) =>
+                {
+                    let completed = vcpu.registers().and_then(|mut rf| syscall_fixup::complete_syscall(&vcpu.fd, env.ram, &mut rf));
+                    synced = false;
+                    match completed {
+                        Ok(true) => *lock(env.stats).emulated.entry("syscall").or_default() += 1,
+                        // An ordinary page fault: on into the guest's handler.
+                        Ok(false) => {
+                            stepping_over = true;
+                            if let Err(e) = vcpu.arm_debug(&plan, stepping_over, halting) {
+                                return Some(vcpu.locate(Outcome::internal(e.to_string())));
+                            }
+                        }
+                        Err(e) => return Some(vcpu.locate(Outcome::internal(format!("completing a SYSCALL: {e}")))),
+                    }
+                }
                 Flow::Debug { pc, dr6, .. } => {
                     let breakpoint = dr6 & DR6_BREAKPOINTS != 0
                         || (dr6 & DR6_SINGLE_STEP == 0 && plan.breakpoints.contains(&pc));
@@ -394,7 +426,17 @@ impl Vcpu {
         }
         let mut debug = kvm_guest_debug::default();
         let single_step = (plan.single_step() || stepping_over) && !halting;
-        let breakpoints = !plan.breakpoints.is_empty() && !stepping_over;
+        let mut addresses = plan.breakpoints.clone();
+        if let Some(entry) = self.syscall_entry.filter(|a| !addresses.contains(a)) {
+            addresses.push(entry);
+        }
+        if addresses.len() > MAX_BREAKPOINTS {
+            return Err(Error::Config(format!(
+                "at most {} breakpoints while vmcore finishes this host's SYSCALLs with one",
+                MAX_BREAKPOINTS - 1
+            )));
+        }
+        let breakpoints = !addresses.is_empty() && !stepping_over;
         if single_step || breakpoints || plan.sites {
             debug.control = KVM_GUESTDBG_ENABLE;
         }
@@ -406,7 +448,7 @@ impl Vcpu {
         }
         if breakpoints {
             debug.control |= KVM_GUESTDBG_USE_HW_BP;
-            for (i, address) in plan.breakpoints.iter().enumerate() {
+            for (i, address) in addresses.iter().enumerate() {
                 debug.arch.debugreg[i] = *address;
                 debug.arch.debugreg[7] |= 1 << (2 * i); // local enable, execute, 1 byte
             }

@@ -78,11 +78,13 @@ pub struct VmBuilder {
     vcpus: usize,
     tee: Option<Tee>,
     precise_mode: PreciseMode,
+    /// Whether to finish SYSCALLs the host leaves half done; `None`: probe the host.
+    syscall_fixup: Option<bool>,
 }
 
 impl Default for VmBuilder {
     fn default() -> Self {
-        VmBuilder { memory: 64 << 20, vcpus: 1, tee: None, precise_mode: PreciseMode::default() }
+        VmBuilder { memory: 64 << 20, vcpus: 1, tee: None, precise_mode: PreciseMode::default(), syscall_fixup: None }
     }
 }
 
@@ -111,6 +113,13 @@ impl VmBuilder {
     /// How precise CPUID and control-register hooks find their instructions.
     pub fn precise_mode(mut self, mode: PreciseMode) -> Self {
         self.precise_mode = mode;
+        self
+    }
+
+    /// Sets whether vmcore finishes guest SYSCALLs from user mode that the host's KVM leaves
+    /// in user mode (`cpu::syscall_fixup`); by default it does exactly where the host needs it.
+    pub fn syscall_fixup(mut self, on: bool) -> Self {
+        self.syscall_fixup = Some(on);
         self
     }
 
@@ -182,9 +191,18 @@ impl VmBuilder {
             sites: RwLock::new(Sites::default()),
             cpuid_ignored: Mutex::new(Vec::new()),
             changed: Condvar::new(),
+            syscall_fixup: self.syscall_fixup.unwrap_or_else(|| !crate::host::user_syscalls_work()),
         };
-        log::debug!("built a VM: {} MiB, {} vCPU(s), precise mode {:?}", self.memory >> 20, count, self.precise_mode);
-        Ok(Vm { machine: Arc::new(machine), supervisor: Mutex::new(None) })
+        log::debug!(
+            "built a VM: {} MiB, {} vCPU(s), precise mode {:?}, SYSCALL completion {}",
+            self.memory >> 20,
+            count,
+            self.precise_mode,
+            if machine.syscall_fixup { "on (this host's KVM leaves SYSCALLs in user mode)" } else { "off" }
+        );
+        let vm = Vm { machine: Arc::new(machine), supervisor: Mutex::new(None) };
+        vm.arm_msr_exits()?;
+        Ok(vm)
     }
 }
 
@@ -247,6 +265,8 @@ pub(crate) struct Machine {
     sites: RwLock<Sites>,
     run: Mutex<RunState>,
     changed: Condvar,
+    /// Finish guest SYSCALLs the host leaves in user mode (it needs LSTAR writes to exit).
+    syscall_fixup: bool,
 }
 
 impl Machine {
@@ -865,6 +885,9 @@ impl Vm {
     /// unless a hook supplies a value).
     fn arm_msr_exits(&self) -> Result<()> {
         let mut wanted: Vec<(u32, bool, bool)> = Vec::new();
+        if self.machine.syscall_fixup {
+            wanted.push((crate::cpu::syscall_fixup::MSR_LSTAR, false, true));
+        }
         for t in self.machine.hooks.triggers() {
             if let Trigger::Msr { index, reads, writes } = t {
                 match wanted.iter_mut().find(|w| w.0 == index) {

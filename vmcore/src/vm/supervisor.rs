@@ -148,6 +148,7 @@ fn vcpu_thread(machine: &Machine, index: usize) {
         stop: &machine.stop,
         status: &machine.status[index],
         stats: &machine.stats[index],
+        syscall_fixup: machine.syscall_fixup,
     };
     if let Some(outcome) = Vcpu::run(&machine.vcpus[index], &env) {
         machine.request_end(outcome);

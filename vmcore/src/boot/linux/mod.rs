@@ -841,7 +841,7 @@ mod tests {
 
     #[test]
     fn host_adaptations_are_appended_unless_the_command_line_sets_them() {
-        assert_eq!(with_adaptations("console=ttyS0", Some("noxsave clearcpuid=137")), "console=ttyS0 noxsave clearcpuid=137");
+        assert_eq!(with_adaptations("console=ttyS0", Some("noxsave clearcpuid=137,141")), "console=ttyS0 noxsave clearcpuid=137,141");
         assert_eq!(with_adaptations("console=ttyS0 clearcpuid=1", Some("noxsave clearcpuid=137")), "console=ttyS0 clearcpuid=1 noxsave");
         assert_eq!(with_adaptations("quiet", Some("")), "quiet");
         assert_eq!(with_adaptations("quiet", None), "quiet");
