@@ -28,6 +28,7 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use mlua::{Function, Lua, RegistryKey, Table, Value};
+use vmcore::devices::virtio::net::NetPort;
 use vmcore::hooks::{Event, EventKind, HookError, HookFn, HookId, StopRequest, Trigger};
 use vmcore::{Error, ExitReason, Outcome, Vm};
 
@@ -161,6 +162,8 @@ impl Drop for Responder {
 enum Msg {
     /// A hook fired; answer on `reply`.
     Hook(Request),
+    /// A network device's guest sent a frame and its Lua filter decides.
+    Packet(PacketRequest),
     /// The core call made on the helper thread has returned: stop pumping.
     Done,
 }
@@ -174,6 +177,13 @@ struct Request {
     kind: EventKind,
     value: Option<u64>,
     instruction: String,
+    reply: Responder,
+}
+
+/// One frame for a Lua `on_packet` filter, from a device's worker thread.
+struct PacketRequest {
+    token: u64,
+    frame: Vec<u8>,
     reply: Responder,
 }
 
@@ -358,8 +368,12 @@ impl Pump {
                 })
                 .map_err(|e| Fail::from(Error::State(format!("cannot start a thread to {what}: {e}"))))?;
             // The helper's Done ends the loop; `self.done` keeps the channel open until then.
-            while let Ok(Msg::Hook(request)) = receive(&self.rx) {
-                self.serve(lua, dispatch, request);
+            loop {
+                match receive(&self.rx) {
+                    Ok(Msg::Hook(request)) => self.serve(lua, dispatch, request),
+                    Ok(Msg::Packet(request)) => self.serve_packet(lua, dispatch, request),
+                    Ok(Msg::Done) | Err(_) => break,
+                }
             }
             helper.join().map_err(|_| Fail::from(Error::State(format!("the thread that went to {what} failed"))))
         })
@@ -372,6 +386,54 @@ impl Pump {
                 let _static =
                     matches!(request.kind, EventKind::CpuidTable { .. }).then(|| Raised::new(&self.static_cpuid));
                 self.ask(lua, f, &request)
+            }
+            _ => Reply::Failed("vmcore: no hook dispatcher was passed to this call".to_string()),
+        };
+        request.reply.send(reply);
+    }
+
+    /// A network filter that asks the Lua function registered under the returned id (the
+    /// dispatcher's `hooks[id]`). The device's worker thread waits for the answer, which comes
+    /// while this VM's Lua thread is in a blocking call (`run`, `wait`, `expect`...); meanwhile the
+    /// vCPUs run on. A closed VM answers "drop".
+    pub(crate) fn packet_filter(&self, port: &NetPort) -> i64 {
+        let token = self.next_token.get();
+        self.next_token.set(token + 1);
+        self.hooked.set(true);
+        let door = self.door.clone();
+        port.set_filter(Some(Arc::new(move |frame: &[u8]| {
+            let slot = Slot::new();
+            let request = PacketRequest { token, frame: frame.to_vec(), reply: Responder(Some(slot.clone())) };
+            let sent = match open(&door).as_ref() {
+                Some(tx) => tx.send(Msg::Packet(request)).is_ok(),
+                None => false,
+            };
+            if !sent {
+                return false;
+            }
+            match slot.wait() {
+                Reply::Answer(answer) => answer.value != Some(0),
+                Reply::Failed(message) => {
+                    eprintln!("vmcore: on_packet failed; the frame is dropped: {message}");
+                    false
+                }
+                Reply::Gone => false,
+            }
+        })));
+        int(token)
+    }
+
+    /// Asks a Lua filter about one frame: the dispatcher answers `true, 1` (pass) or `true, 0`.
+    fn serve_packet(&self, lua: &Lua, dispatch: &Value, request: PacketRequest) {
+        let reply = match dispatch {
+            Value::Function(f) => {
+                let called = lua.create_string(&request.frame).and_then(|frame| {
+                    f.call::<Answered>((int(request.token), PACKET_CODE, 0i64, 0i64, Value::Nil, Value::Nil, frame))
+                });
+                match called.map_err(|e| e.to_string()).and_then(|out| answer(lua, out)) {
+                    Ok(answer) => Reply::Answer(answer),
+                    Err(message) => Reply::Failed(message),
+                }
             }
             _ => Reply::Failed("vmcore: no hook dispatcher was passed to this call".to_string()),
         };
@@ -493,6 +555,9 @@ impl Pump {
         })
     }
 }
+
+/// The code the dispatcher knows a frame for an `on_packet` filter by (past `KINDS`).
+const PACKET_CODE: i64 = 11;
 
 /// The event kind as the dispatcher's `KINDS` table numbers it (a number costs Lua nothing to
 /// receive; a string from a module costs a protected call).

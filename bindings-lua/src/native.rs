@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mlua::{Lua, MultiValue, Table, UserData, UserDataMethods, Value};
+use mlua::{AnyUserData, Lua, MultiValue, Table, UserData, UserDataMethods, Value};
 use vmcore::boot::LinuxProtocol;
 use vmcore::console::Tee;
+use vmcore::devices::virtio::net::{format_mac, parse_mac, NetOptions, NetPort};
+use vmcore::devices::virtio::VirtioInfo;
 use vmcore::memory::parse_size;
 use vmcore::{CpuMode, Error, Vm, VmBuilder};
 
@@ -183,6 +185,58 @@ impl NativeVm {
         core(self.get()?.add_fw_cfg_file(&name, data))
     }
 
+    fn add_disk(&self, lua: &Lua, path: &Value, opts: &Value) -> Res<Table> {
+        let path = args::path(path, "path")?;
+        let opts = args::options(opts, "add_disk options", &["readonly", "serial"])?;
+        let (mut readonly, mut serial) = (false, None);
+        if let Some(t) = opts {
+            readonly = match t.raw_get::<Value>("readonly")? {
+                Value::Nil => false,
+                Value::Boolean(b) => b,
+                v => return Err(bad(format!("readonly must be a boolean, got {}", describe(&v)))),
+            };
+            let s = t.raw_get::<Value>("serial")?;
+            if !s.is_nil() {
+                serial = Some(args::text(&s, "serial")?);
+            }
+        }
+        let info = core(self.get()?.add_disk(&path, readonly, serial.as_deref()))?;
+        Ok(virtio_table(lua, &info)?)
+    }
+
+    fn add_net(&self, lua: &Lua, opts: &Value) -> Res<Table> {
+        let opts = args::options(opts, "add_net options", &["tap", "mac", "on_packet"])?;
+        let mut options = NetOptions::default();
+        if let Some(t) = opts {
+            let tap = t.raw_get::<Value>("tap")?;
+            if !tap.is_nil() {
+                options.tap = Some(args::text(&tap, "tap")?);
+            }
+            let mac = t.raw_get::<Value>("mac")?;
+            if !mac.is_nil() {
+                options.mac = Some(core(parse_mac(&args::text(&mac, "mac")?))?);
+            }
+        }
+        let (info, port) = core(self.get()?.add_net(&options))?;
+        let t = virtio_table(lua, &info)?;
+        t.raw_set("mac", format_mac(&port.mac()))?;
+        t.raw_set("tap", port.tap())?;
+        Ok(t)
+    }
+
+    /// The serial console (`port` nil) or the console of virtio device `port`.
+    fn console(&self, port: &Value) -> Res<ConsoleRef> {
+        let vm = self.get()?;
+        match port {
+            Value::Nil => Ok(ConsoleRef::Serial(vm)),
+            index => Ok(ConsoleRef::Virtio(core(vm.virtio_console(args::count(index, "console index")?))?)),
+        }
+    }
+
+    fn net(&self, index: &Value) -> Res<Arc<NetPort>> {
+        core(self.get()?.net_port(args::count(index, "device index")?))
+    }
+
     /// Refuses lengths no read could satisfy before allocating a buffer for them.
     fn check_length(&self, length: usize) -> Res<()> {
         let size = self.get()?.memory_size();
@@ -191,6 +245,33 @@ impl NativeVm {
         }
         Ok(())
     }
+}
+
+/// A VM's serial console, or one of its virtio consoles.
+enum ConsoleRef {
+    Serial(Arc<Vm>),
+    Virtio(Arc<vmcore::console::Console>),
+}
+
+impl std::ops::Deref for ConsoleRef {
+    type Target = vmcore::console::Console;
+    fn deref(&self) -> &vmcore::console::Console {
+        match self {
+            ConsoleRef::Serial(vm) => vm.console(),
+            ConsoleRef::Virtio(c) => c,
+        }
+    }
+}
+
+/// A virtio device's description as a table.
+fn virtio_table(lua: &Lua, info: &VirtioInfo) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.raw_set("index", info.index as i64)?;
+    t.raw_set("kind", info.kind())?;
+    t.raw_set("base", int(info.base))?;
+    t.raw_set("gsi", i64::from(info.gsi))?;
+    t.raw_set("description", info.description.as_str())?;
+    Ok(t)
 }
 
 /// A kernel's path, command line, and modules as (path, arguments) pairs.
@@ -260,6 +341,51 @@ impl UserData for NativeVm {
         method(m, "load_linux", |lua, this, (kernel, opts): (Value, Value)| this.load_linux(lua, &kernel, &opts));
         method(m, "add_fw_cfg_file", |_, this, (name, data): (Value, Value)| this.add_fw_cfg_file(&name, &data));
 
+        method(m, "add_disk", |lua, this, (path, opts): (Value, Value)| this.add_disk(lua, &path, &opts));
+        method(m, "add_rng", |lua, this, ()| Ok(virtio_table(lua, &core(this.get()?.add_rng())?)?));
+        method(m, "add_net", |lua, this, opts: Value| this.add_net(lua, &opts));
+        method(m, "virtio_devices", |lua, this, ()| {
+            let list = lua.create_table()?;
+            for (i, info) in this.get()?.virtio_devices().iter().enumerate() {
+                list.raw_set(i + 1, virtio_table(lua, info)?)?;
+            }
+            Ok(list)
+        });
+        method(m, "net_inject", |_, this, (index, frame): (Value, Value)| {
+            let frame = args::bytes(&frame, "frame")?;
+            core(this.net(&index)?.inject(&frame))
+        });
+        method(m, "net_link", |_, this, (index, other, other_index): (Value, AnyUserData, Value)| {
+            let a = this.net(&index)?;
+            let other = other.borrow::<NativeVm>().map_err(|_| bad("link needs another vmcore network device"))?;
+            let b = other.net(&other_index)?;
+            NetPort::link(&a, &b);
+            Ok(())
+        });
+        method(m, "net_unlink", |_, this, index: Value| {
+            this.net(&index)?.unlink();
+            Ok(())
+        });
+        method(m, "net_stats", |lua, this, index: Value| {
+            let s = this.net(&index)?.stats();
+            let t = lua.create_table()?;
+            t.raw_set("tx_frames", int(s.tx_frames))?;
+            t.raw_set("tx_dropped", int(s.tx_dropped))?;
+            t.raw_set("rx_frames", int(s.rx_frames))?;
+            t.raw_set("rx_dropped", int(s.rx_dropped))?;
+            Ok(t)
+        });
+        // A Lua filter: frames wait for the Lua thread (see `Pump::packet_filter`); returns the
+        // id the dispatcher finds the function by. With `false`, the filter is removed.
+        method(m, "net_filter", |_, this, (index, on): (Value, bool)| {
+            let port = this.net(&index)?;
+            if !on {
+                port.set_filter(None);
+                return Ok(None);
+            }
+            Ok(Some(this.pump.packet_filter(&port)))
+        });
+
         // A hook that raised ends the run with "hook_error"; run and wait raise its message
         // (once: afterwards the outcome is returned, as by vm.outcome and stop).
         method(m, "start", |lua, this, (t, dispatch): (Value, Value)| {
@@ -304,14 +430,17 @@ impl UserData for NativeVm {
             Ok(list)
         });
 
-        method(m, "console_output", |lua, this, ()| Ok(lua.create_string(this.get()?.console().output())?));
-        method(m, "console_output_bytes", |lua, this, ()| Ok(lua.create_string(this.get()?.console().output_bytes())?));
-        method(m, "console_tail", |lua, this, ()| Ok(lua.create_string(this.get()?.console().tail())?));
-        method(m, "console_send", |_, this, data: Value| {
-            let data = args::bytes(&data, "data")?;
-            core(this.get()?.console().send(&data))
+        method(m, "console_output", |lua, this, port: Value| Ok(lua.create_string(this.console(&port)?.output())?));
+        method(m, "console_output_bytes", |lua, this, port: Value| {
+            Ok(lua.create_string(this.console(&port)?.output_bytes())?)
         });
-        method(m, "console_expect", |lua, this, (pattern, t, dispatch): (Value, Value, Value)| {
+        method(m, "console_tail", |lua, this, port: Value| Ok(lua.create_string(this.console(&port)?.tail())?));
+        method(m, "console_send", |_, this, (data, port): (Value, Value)| {
+            let data = args::bytes(&data, "data")?;
+            core(this.console(&port)?.send(&data))
+        });
+        method(m, "add_console", |lua, this, ()| Ok(virtio_table(lua, &core(this.get()?.add_console())?.0)?));
+        method(m, "console_expect", |lua, this, (pattern, t, dispatch, port): (Value, Value, Value, Value)| {
             let pattern = args::text(&pattern, "pattern")?;
             let t = match t {
                 Value::Nil => Value::Number(DEFAULT_EXPECT_SECONDS),
@@ -319,8 +448,9 @@ impl UserData for NativeVm {
             };
             let forever = Duration::from_secs_f64(args::FOREVER_SECONDS);
             let t = args::timeout(&t, "expect timeout")?.unwrap_or(forever);
-            let found = core(this.pump.pumped(lua, &dispatch, &*this.get()?, "wait for console output", |vm| {
-                vm.console().expect(&pattern, t)
+            let console = this.console(&port)?;
+            let found = core(this.pump.pumped(lua, &dispatch, &*this.get()?, "wait for console output", |_| {
+                console.expect(&pattern, t)
             })?)?;
             Ok(match_table(lua, found)?)
         });

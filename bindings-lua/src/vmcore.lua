@@ -97,28 +97,28 @@ local console_methods, console_fields = {}, {}
 local Console = class("vmcore.Console", console_methods, console_fields)
 
 function console_fields.output(self)
-  return check(rawget(self, NATIVE):console_output())
+  return check(rawget(self, NATIVE):console_output(rawget(self, INDEX)))
 end
 
 function console_fields.output_bytes(self)
-  return check(rawget(self, NATIVE):console_output_bytes())
+  return check(rawget(self, NATIVE):console_output_bytes(rawget(self, INDEX)))
 end
 
 function console_methods.tail(self)
-  return check(native_of(self, Console, "tail"):console_tail())
+  return check(native_of(self, Console, "tail"):console_tail(rawget(self, INDEX)))
 end
 
 function console_methods.send(self, data)
-  return check(native_of(self, Console, "send"):console_send(data))
+  return check(native_of(self, Console, "send"):console_send(data, rawget(self, INDEX)))
 end
 
 function console_methods.expect(self, pattern, timeout)
   local handle = native_of(self, Console, "expect")
-  return setmetatable(check(handle:console_expect(pattern, timeout, rawget(self, DISPATCH))), Match)
+  return setmetatable(check(handle:console_expect(pattern, timeout, rawget(self, DISPATCH), rawget(self, INDEX))), Match)
 end
 
 function Console.__tostring(self)
-  local ok, out = rawget(self, NATIVE):console_output_bytes()
+  local ok, out = rawget(self, NATIVE):console_output_bytes(rawget(self, INDEX))
   return ok and format("vmcore.Console (%d bytes)", #out) or "vmcore.Console (closed)"
 end
 
@@ -362,6 +362,9 @@ local function bits(v)
   return nil
 end
 
+-- What the native side sends as the kind of a frame for an on_packet filter (`PACKET_CODE`).
+local PACKET = 11
+
 -- Event kinds by the number the native side sends (`kind_code` in hooks.rs).
 local KINDS = { "io", "mmio", "msr", "cpuid", "cr", "breakpoint", "step", "hlt", "shutdown", "exit" }
 
@@ -373,6 +376,14 @@ local function dispatcher(vm, hooks)
     if fn == nil then
       -- Removed after it fired: the event passes.
       return true, value
+    end
+    if code == PACKET then
+      -- A network filter: fn(frame) returns false to drop the frame.
+      local ok, keep = pcall(fn, a)
+      if not ok then
+        return false, error_message(keep)
+      end
+      return true, keep == false and 0 or 1
     end
     local kind = KINDS[code]
     instruction = instruction or ""
@@ -522,6 +533,97 @@ function vm_methods.remove_hook(self, id)
     rawget(self, HOOKS)[id] = nil
   end
   return removed
+end
+
+---------------------------------------------------------------------------------------------
+-- Devices
+
+local net_methods, net_fields = {}, {}
+local Net = class("vmcore.Net", net_methods, net_fields)
+
+for _, name in ipairs({ "index", "mac", "tap", "base", "gsi", "kind", "description" }) do
+  net_fields[name] = function(self)
+    return rawget(self, INDEX)[name]
+  end
+end
+
+function net_fields.stats(self)
+  return check(rawget(self, NATIVE):net_stats(rawget(self, INDEX).index))
+end
+
+--- net:inject(frame): queues an Ethernet frame (14 to 1518 bytes) for the guest.
+function net_methods.inject(self, frame)
+  return check(native_of(self, Net, "inject"):net_inject(rawget(self, INDEX).index, frame))
+end
+
+--- net:link(other): what one guest sends, the other receives (usually devices of two VMs).
+function net_methods.link(self, other)
+  local handle = native_of(self, Net, "link")
+  if getmetatable(other) ~= Net then
+    error("vmcore.ConfigError: invalid configuration: net:link needs another vmcore.Net", 2)
+  end
+  return check(handle:net_link(rawget(self, INDEX).index, rawget(other, NATIVE), rawget(other, INDEX).index))
+end
+
+function net_methods.unlink(self)
+  return check(native_of(self, Net, "unlink"):net_unlink(rawget(self, INDEX).index))
+end
+
+--- net:on_packet(fn): fn(frame) sees each frame the guest sends; returning false drops it. It
+--- is called while this VM's Lua thread waits in run, wait, expect... (frames wait until then).
+--- net:on_packet(nil) removes it.
+function net_methods.on_packet(self, fn)
+  local handle = native_of(self, Net, "on_packet")
+  local index = rawget(self, INDEX).index
+  if fn == nil then
+    return check(handle:net_filter(index, false))
+  end
+  local mt = getmetatable(fn)
+  if type(fn) ~= "function" and not (type(mt) == "table" and rawget(mt, "__call") ~= nil) then
+    error(format("vmcore.ConfigError: invalid configuration: on_packet needs a function, got %s", type(fn)), 2)
+  end
+  local id = check(handle:net_filter(index, true))
+  rawget(rawget(self, VM), HOOKS)[id] = fn
+  return id
+end
+
+function Net.__tostring(self)
+  local d = rawget(self, INDEX)
+  return format("vmcore.Net %d %s%s", d.index, d.mac, d.tap and (" tap=" .. d.tap) or "")
+end
+
+--- vm:add_disk(path, [{readonly=false, serial=nil}]): a virtio-blk disk on a raw image; returns
+--- its description {index=, kind="block", base=, gsi=, description=}.
+function vm_methods.add_disk(self, path, opts)
+  return check(native_of(self, Vm, "add_disk"):add_disk(path, opts))
+end
+
+--- vm:add_rng(): a virtio-rng device fed by the host's getrandom.
+function vm_methods.add_rng(self)
+  return check(native_of(self, Vm, "add_rng"):add_rng())
+end
+
+--- vm:add_net([{tap=, mac=, on_packet=}]): a virtio-net device; returns a vmcore.Net.
+function vm_methods.add_net(self, opts)
+  local handle = native_of(self, Vm, "add_net")
+  local on_packet = type(opts) == "table" and rawget(opts, "on_packet") or nil
+  local net = setmetatable({ [NATIVE] = handle, [INDEX] = check(handle:add_net(opts)), [VM] = self }, Net)
+  if on_packet ~= nil then
+    net:on_packet(on_packet)
+  end
+  return net
+end
+
+--- vm:add_console(): a virtio-console device, a second console (Linux's /dev/hvc0) with the same
+--- output, expect, send and tail as vm.console.
+function vm_methods.add_console(self)
+  local handle = native_of(self, Vm, "add_console")
+  local device = check(handle:add_console())
+  return setmetatable({ [NATIVE] = handle, [DISPATCH] = rawget(self, DISPATCH), [INDEX] = device.index }, Console)
+end
+
+function vm_fields.virtio_devices(self)
+  return check(rawget(self, NATIVE):virtio_devices())
 end
 
 -- `local vm <close> = vmcore.Vm{}` closes the VM when `vm` goes out of scope.

@@ -7,6 +7,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use vmcore::devices::virtio::net::PacketFilter;
 use vmcore::hooks::{Event, EventKind, HookError, HookFn, StopRequest, Trigger};
 
 /// What a hook sees. `vmcore.HookEvent` wraps it with access to the VM.
@@ -246,4 +247,26 @@ fn hook_error(py: Python<'_>, err: PyErr) -> HookError {
         None => err.to_string(),
     };
     HookError { message: message.trim_end().to_string(), payload: Some(Box::new(err)) }
+}
+
+/// A network filter calling `callback(frame: bytes)` on the device's worker thread, with the GIL
+/// taken there (the worker holds no vmcore lock meanwhile). A false result (`False`, not `None`)
+/// drops the frame; an exception is logged and drops it too.
+pub fn packet_filter(callback: Py<PyAny>) -> PacketFilter {
+    Arc::new(move |frame: &[u8]| {
+        Python::attach(|py| {
+            let bytes = pyo3::types::PyBytes::new(py, frame);
+            match callback.call1(py, (bytes,)) {
+                Ok(answer) => {
+                    let answer = answer.bind(py);
+                    answer.is_none() || answer.is_truthy().unwrap_or(false)
+                }
+                Err(e) => {
+                    let err = hook_error(py, e);
+                    log::warn!("on_packet raised; the frame is dropped:\n{}", err.message);
+                    false
+                }
+            }
+        })
+    })
 }

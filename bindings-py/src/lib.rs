@@ -15,6 +15,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use vmcore::console::Tee;
+use vmcore::devices::virtio::net::{format_mac, parse_mac, NetOptions};
+use vmcore::devices::virtio::VirtioInfo;
 use vmcore::memory::parse_size;
 use vmcore::{CpuMode, Error, Outcome, Vm, VmBuilder};
 
@@ -105,6 +107,17 @@ fn outcome_dict<'py>(py: Python<'py>, o: &Outcome, raise_hook_error: bool) -> Py
     Ok(d)
 }
 
+/// A virtio device's description as a dict for Python.
+fn virtio_dict<'py>(py: Python<'py>, info: &VirtioInfo) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("index", info.index)?;
+    d.set_item("kind", info.kind())?;
+    d.set_item("base", info.base)?;
+    d.set_item("gsi", info.gsi)?;
+    d.set_item("description", &info.description)?;
+    Ok(d)
+}
+
 /// The native VM handle. Use `vmcore.Vm`, which wraps it.
 #[pyclass(module = "vmcore._native", frozen)]
 struct NativeVm {
@@ -139,6 +152,33 @@ impl NativeVm {
                 let _ = py.detach(move || vm2.stop());
                 return Err(e);
             }
+        }
+    }
+}
+
+/// A VM's serial console, or one of its virtio consoles.
+enum ConsoleRef {
+    Serial(Arc<Vm>),
+    Virtio(Arc<vmcore::console::Console>),
+}
+
+impl std::ops::Deref for ConsoleRef {
+    type Target = vmcore::console::Console;
+    fn deref(&self) -> &vmcore::console::Console {
+        match self {
+            ConsoleRef::Serial(vm) => vm.console(),
+            ConsoleRef::Virtio(c) => c,
+        }
+    }
+}
+
+impl NativeVm {
+    /// The serial console (`port` None) or the console of virtio device `port`.
+    fn console(&self, py: Python<'_>, port: Option<usize>) -> PyResult<ConsoleRef> {
+        let vm = self.get()?;
+        match port {
+            None => Ok(ConsoleRef::Serial(vm)),
+            Some(index) => vm.virtio_console(index).map(ConsoleRef::Virtio).py_err(py),
         }
     }
 }
@@ -254,6 +294,77 @@ impl NativeVm {
         self.get()?.add_fw_cfg_file(name, data).py_err(py)
     }
 
+    /// Attaches a raw disk image as a virtio-blk device; returns its description.
+    #[pyo3(signature = (path, readonly=false, serial=None))]
+    fn add_disk<'py>(&self, py: Python<'py>, path: PathBuf, readonly: bool, serial: Option<String>) -> PyResult<Bound<'py, PyDict>> {
+        let info = self.get()?.add_disk(&path, readonly, serial.as_deref()).py_err(py)?;
+        virtio_dict(py, &info)
+    }
+
+    fn add_rng<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let info = self.get()?.add_rng().py_err(py)?;
+        virtio_dict(py, &info)
+    }
+
+    /// Adds a virtio-net device; returns its description with "mac" and "tap".
+    #[pyo3(signature = (tap=None, on_packet=None, mac=None))]
+    fn add_net<'py>(
+        &self,
+        py: Python<'py>,
+        tap: Option<String>,
+        on_packet: Option<Py<PyAny>>,
+        mac: Option<String>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let mac = mac.as_deref().map(parse_mac).transpose().py_err(py)?;
+        let options = NetOptions { mac, tap, on_packet: on_packet.map(hooks::packet_filter) };
+        let vm = self.get()?;
+        // Opening a tap may block briefly; nothing here calls back into Python.
+        let (info, port) = py.detach(move || vm.add_net(&options)).py_err(py)?;
+        let d = virtio_dict(py, &info)?;
+        d.set_item("mac", format_mac(&port.mac()))?;
+        d.set_item("tap", port.tap())?;
+        Ok(d)
+    }
+
+    fn virtio_devices<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.get()?.virtio_devices().iter().map(|i| virtio_dict(py, i)).collect()
+    }
+
+    /// Queues a frame for network device `index`'s guest.
+    fn net_inject(&self, py: Python<'_>, index: usize, frame: &[u8]) -> PyResult<()> {
+        self.get()?.net_port(index).py_err(py)?.inject(frame).py_err(py)
+    }
+
+    /// Links network device `index` with `other_index` of `other` (which may be this VM).
+    fn net_link(&self, py: Python<'_>, index: usize, other: &NativeVm, other_index: usize) -> PyResult<()> {
+        let a = self.get()?.net_port(index).py_err(py)?;
+        let b = other.get()?.net_port(other_index).py_err(py)?;
+        vmcore::devices::virtio::net::NetPort::link(&a, &b);
+        Ok(())
+    }
+
+    fn net_unlink(&self, py: Python<'_>, index: usize) -> PyResult<()> {
+        self.get()?.net_port(index).py_err(py)?.unlink();
+        Ok(())
+    }
+
+    /// Replaces network device `index`'s filter (None: every frame passes).
+    #[pyo3(signature = (index, on_packet=None))]
+    fn net_set_filter(&self, py: Python<'_>, index: usize, on_packet: Option<Py<PyAny>>) -> PyResult<()> {
+        self.get()?.net_port(index).py_err(py)?.set_filter(on_packet.map(hooks::packet_filter));
+        Ok(())
+    }
+
+    fn net_stats<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.get()?.net_port(index).py_err(py)?.stats();
+        let d = PyDict::new(py);
+        d.set_item("tx_frames", s.tx_frames)?;
+        d.set_item("tx_dropped", s.tx_dropped)?;
+        d.set_item("rx_frames", s.rx_frames)?;
+        d.set_item("rx_dropped", s.rx_dropped)?;
+        Ok(d)
+    }
+
     #[pyo3(signature = (timeout=None))]
     fn start(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
         let timeout = seconds(timeout, "timeout")?;
@@ -291,39 +402,45 @@ impl NativeVm {
         }
     }
 
-    fn console_output(&self) -> PyResult<String> {
-        Ok(self.get()?.console().output())
+    #[pyo3(signature = (port=None))]
+    fn console_output(&self, py: Python<'_>, port: Option<usize>) -> PyResult<String> {
+        Ok(self.console(py, port)?.output())
     }
 
-    fn console_output_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        Ok(PyBytes::new(py, &self.get()?.console().output_bytes()))
+    #[pyo3(signature = (port=None))]
+    fn console_output_bytes<'py>(&self, py: Python<'py>, port: Option<usize>) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, &self.console(py, port)?.output_bytes()))
     }
 
     /// Output from byte `offset` on, waiting up to `timeout` seconds for some (GIL released).
-    fn console_read(&self, py: Python<'_>, offset: usize, timeout: f64) -> PyResult<Py<PyBytes>> {
+    #[pyo3(signature = (offset, timeout, port=None))]
+    fn console_read(&self, py: Python<'_>, offset: usize, timeout: f64, port: Option<usize>) -> PyResult<Py<PyBytes>> {
         let timeout = seconds(Some(timeout), "timeout")?.unwrap_or(Duration::MAX);
-        let vm = self.get()?;
-        let data = py.detach(move || vm.console().read_from(offset, timeout));
+        let console = self.console(py, port)?;
+        let data = py.detach(move || console.read_from(offset, timeout));
         Ok(PyBytes::new(py, &data).unbind())
     }
 
-    fn console_tail(&self) -> PyResult<String> {
-        Ok(self.get()?.console().tail())
+    #[pyo3(signature = (port=None))]
+    fn console_tail(&self, py: Python<'_>, port: Option<usize>) -> PyResult<String> {
+        Ok(self.console(py, port)?.tail())
     }
 
     /// Returns (text, start, end, groups, names).
     #[allow(clippy::type_complexity)]
+    #[pyo3(signature = (pattern, timeout, port=None))]
     fn console_expect(
         &self,
         py: Python<'_>,
         pattern: String,
         timeout: f64,
+        port: Option<usize>,
     ) -> PyResult<(String, usize, usize, Vec<Option<String>>, Vec<Option<String>>)> {
         let timeout = seconds(Some(timeout), "timeout")?.unwrap_or(Duration::MAX);
-        let vm = self.get()?;
+        let console = self.console(py, port)?;
         let mut interrupt: Option<PyErr> = None;
         let result = py.detach(|| {
-            vm.console().expect_while(&pattern, timeout, || {
+            console.expect_while(&pattern, timeout, || {
                 Python::attach(|py| match py.check_signals() {
                     Ok(()) => true,
                     Err(e) => {
@@ -340,8 +457,15 @@ impl NativeVm {
         }
     }
 
-    fn console_send(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        self.get()?.console().send(data).py_err(py)
+    #[pyo3(signature = (data, port=None))]
+    fn console_send(&self, py: Python<'_>, data: &[u8], port: Option<usize>) -> PyResult<()> {
+        self.console(py, port)?.send(data).py_err(py)
+    }
+
+    /// Adds a virtio-console device; returns its description.
+    fn add_console<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (info, _) = self.get()?.add_console().py_err(py)?;
+        virtio_dict(py, &info)
     }
 
     fn registers(&self, py: Python<'_>, vcpu: usize) -> PyResult<Vec<(&'static str, u64)>> {

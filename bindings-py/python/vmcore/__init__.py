@@ -29,7 +29,22 @@ from ._errors import (
     VmStateError,
 )
 from ._native import __version__, parse_memory_size, refresh_logging
-from ._vm import REGISTER_NAMES, Console, ConsoleMatch, HookEvent, LinuxKernel, LinuxProtocol, Mode, Outcome, Registers, Vcpu, Vm
+from ._vm import (
+    REGISTER_NAMES,
+    Console,
+    ConsoleMatch,
+    HookEvent,
+    LinuxKernel,
+    LinuxProtocol,
+    Mode,
+    Net,
+    Outcome,
+    PacketCallback,
+    Registers,
+    Vcpu,
+    VirtioDevice,
+    Vm,
+)
 
 __all__ = [
     "Vm",
@@ -39,6 +54,9 @@ __all__ = [
     "ConsoleMatch",
     "Outcome",
     "HookEvent",
+    "VirtioDevice",
+    "Net",
+    "PacketCallback",
     "HookError",
     "Mode",
     "LinuxKernel",

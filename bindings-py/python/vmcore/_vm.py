@@ -200,30 +200,32 @@ def _cpuid_answer(answer: Any) -> Tuple[int, int, int, int]:
 
 
 class Console:
-    """The guest's COM1 serial console: everything it printed, and a way to type into it."""
+    """A guest console: everything the guest printed there, and a way to type into it. ``vm.console``
+    is COM1; :meth:`Vm.add_console` adds virtio consoles (Linux's ``/dev/hvc0``)."""
 
-    def __init__(self, native: NativeVm) -> None:
+    def __init__(self, native: NativeVm, port: Optional[int] = None) -> None:
         self._native = native
+        self._port = port
 
     @property
     def output(self) -> str:
         """Everything the guest has printed so far (UTF-8, invalid bytes replaced)."""
-        return self._native.console_output()
+        return self._native.console_output(self._port)
 
     @property
     def output_bytes(self) -> bytes:
         """Everything the guest has printed so far, as raw bytes."""
-        return self._native.console_output_bytes()
+        return self._native.console_output_bytes(self._port)
 
     def tail(self) -> str:
         """The last ~2000 characters of output."""
-        return self._native.console_tail()
+        return self._native.console_tail(self._port)
 
     def read(self, offset: int, timeout: float = 0.1) -> bytes:
         """The raw output from byte ``offset`` on, waiting up to ``timeout`` seconds for some to
         arrive (``b""`` if none did, or the VM is not running). For streaming the console
         elsewhere: keep ``offset += len(chunk)``."""
-        return self._native.console_read(offset, float(timeout))
+        return self._native.console_read(offset, float(timeout), self._port)
 
     def expect(self, pattern: Union[str, "re.Pattern[str]"], timeout: float = 10.0) -> ConsoleMatch:
         """Waits up to ``timeout`` seconds for ``pattern`` in the output after the previous match.
@@ -235,18 +237,20 @@ class Console:
         """
         if isinstance(pattern, re.Pattern):
             pattern = pattern.pattern
-        text, start, end, groups, names = self._native.console_expect(pattern, float(timeout))
+        text, start, end, groups, names = self._native.console_expect(pattern, float(timeout), self._port)
         return ConsoleMatch(text, start, end, tuple(groups), tuple(names))
 
     def send(self, data: Union[str, bytes]) -> None:
-        """Types ``data`` into the guest's serial receiver (str is sent as UTF-8). Nothing is
-        dropped: what the 16-byte FIFO cannot take waits until the guest reads."""
+        """Types ``data`` into the console (str is sent as UTF-8). On COM1 nothing is dropped:
+        what the 16-byte FIFO cannot take waits until the guest reads; a virtio console keeps up
+        to 1 MiB waiting for the guest's receive buffers."""
         if isinstance(data, str):
             data = data.encode()
-        self._native.console_send(bytes(data))
+        self._native.console_send(bytes(data), self._port)
 
     def __repr__(self) -> str:
-        return f"<vmcore.Console {len(self.output_bytes)} bytes>"
+        where = "" if self._port is None else f" virtio {self._port}"
+        return f"<vmcore.Console{where} {len(self.output_bytes)} bytes>"
 
 
 class Registers:
@@ -319,6 +323,87 @@ class Vcpu:
 
     def __repr__(self) -> str:
         return f"<vmcore.Vcpu {self.index}>"
+
+
+@dataclass(frozen=True)
+class VirtioDevice:
+    """A virtio-mmio device of a VM (see :meth:`Vm.add_disk`, :meth:`Vm.add_net`,
+    :meth:`Vm.add_rng`). The guest finds it in the ACPI tables (``_HID "LNRO0005"``)."""
+
+    index: int
+    """Position among the VM's virtio devices (the ACPI ``_UID``)."""
+    kind: str
+    """``"block"``, ``"net"``, ``"rng"`` or ``"console"``."""
+    base: int
+    """Guest-physical address of its register window (0x200 bytes)."""
+    gsi: int
+    """Its interrupt: an IOAPIC pin (16 onwards), edge-triggered."""
+    description: str
+
+
+PacketCallback = Callable[[bytes], Optional[bool]]
+"""``on_packet(frame)``: sees each Ethernet frame the guest sends; returning ``False`` drops it,
+``None`` or ``True`` lets it through."""
+
+
+class Net:
+    """A virtio-net device (see :meth:`Vm.add_net`): frames the guest sends pass its
+    ``on_packet`` filter and go to a linked device and/or a tap; frames reach the guest from
+    those or from :meth:`inject`.
+
+    ::
+
+        a_net, b_net = vm_a.add_net(), vm_b.add_net()
+        a_net.link(b_net)            # what one guest sends, the other receives
+
+        @a_net.on_packet
+        def watch(frame: bytes) -> bool:
+            return frame[12:14] != b"\x86\xdd"   # drop IPv6
+    """
+
+    def __init__(self, native: NativeVm, info: Dict[str, Any]) -> None:
+        self._native = native
+        self.device = VirtioDevice(**{k: info[k] for k in ("index", "kind", "base", "gsi", "description")})
+        self.mac: str = info["mac"]
+        """The guest's MAC address, ``"02:76:..."``."""
+        self.tap: Optional[str] = info["tap"]
+        """The tap interface it is attached to, if any."""
+
+    @property
+    def index(self) -> int:
+        return self.device.index
+
+    def inject(self, frame: bytes) -> None:
+        """Queues an Ethernet frame (14 to 1518 bytes, no FCS) for the guest; it arrives once
+        the guest's driver has a receive buffer for it."""
+        self._native.net_inject(self.index, bytes(frame))
+
+    def link(self, other: "Net") -> None:
+        """Connects this device to ``other`` (usually another VM's) back to back: frames one
+        guest sends (and its filter passes) arrive at the other. A link does not keep the other
+        VM alive; closing either ends it."""
+        self._native.net_link(self.index, other._native, other.index)
+
+    def unlink(self) -> None:
+        """Disconnects this device from its linked peer, both ways."""
+        self._native.net_unlink(self.index)
+
+    def on_packet(self, callback: Optional[PacketCallback]) -> Optional[PacketCallback]:
+        """Sets (or with None clears) the filter; usable as a decorator. It runs on the device's
+        worker thread with the GIL, never on a vCPU thread; an exception is logged (logger
+        ``vmcore``) and drops the frame."""
+        self._native.net_set_filter(self.index, callback)
+        return callback
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        """Frame counters: ``tx_frames``, ``tx_dropped`` (filtered or malformed),
+        ``rx_frames``, ``rx_dropped`` (too large, or too many waiting)."""
+        return self._native.net_stats(self.index)
+
+    def __repr__(self) -> str:
+        tap = f" tap={self.tap}" if self.tap else ""
+        return f"<vmcore.Net {self.index} {self.mac}{tap}>"
 
 
 class Vm:
@@ -436,6 +521,49 @@ class Vm:
     def add_fw_cfg_file(self, name: str, data: bytes) -> None:
         """Adds a named file to fw_cfg (QEMU's ``-fw_cfg name=...,file=...``)."""
         self._native.add_fw_cfg_file(name, bytes(data))
+
+    # -- devices -----------------------------------------------------------------------------
+
+    def add_disk(
+        self, path: Union[str, "os.PathLike[str]"], readonly: bool = False, *, serial: Optional[str] = None
+    ) -> VirtioDevice:
+        """Attaches a raw disk image as a virtio-blk device (before the first run); Linux sees
+        it as ``/dev/vdX`` once the ``virtio_mmio`` and ``virtio_blk`` drivers load.
+
+        ``readonly`` opens the file read-only and tells the guest so; writes fail with an I/O
+        error. Flushes are honoured (the file is fdatasync'ed). ``serial`` (at most 20 bytes)
+        is what the guest reads as the disk's ID (``/sys/block/vdX/serial``).
+        """
+        return VirtioDevice(**self._native.add_disk(os.fspath(path), readonly, serial))
+
+    def add_net(
+        self, tap: Optional[str] = None, on_packet: Optional[PacketCallback] = None, mac: Optional[str] = None
+    ) -> Net:
+        """Adds a virtio-net device (before the first run); see :class:`Net`.
+
+        ``tap`` attaches it to a tap interface: an existing one by name, or a new one (as root),
+        removed when the VM closes; a pattern such as ``"vm%d"`` lets the kernel pick the number
+        (:attr:`Net.tap` says which). ``on_packet(frame)`` sees each frame the guest sends and
+        drops it by returning ``False``. ``mac`` is the guest's address (``"02:00:00:00:00:01"``);
+        by default a locally administered one unique in this process.
+        """
+        return Net(self._native, self._native.add_net(tap, on_packet, mac))
+
+    def add_rng(self) -> VirtioDevice:
+        """Adds a virtio-rng device (before the first run): the guest's ``hwrng`` reads the
+        host's getrandom."""
+        return VirtioDevice(**self._native.add_rng())
+
+    def add_console(self) -> Console:
+        """Adds a virtio-console device (before the first run): a second console beside COM1,
+        Linux's ``/dev/hvc0`` once ``virtio_console`` is loaded, with the same ``expect``,
+        ``send`` and ``tail``."""
+        return Console(self._native, self._native.add_console()["index"])
+
+    @property
+    def virtio_devices(self) -> List[VirtioDevice]:
+        """The VM's virtio devices, in the order they were added."""
+        return [VirtioDevice(**d) for d in self._native.virtio_devices()]
 
     # -- running -----------------------------------------------------------------------------
 

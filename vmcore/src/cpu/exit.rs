@@ -226,15 +226,38 @@ pub(crate) fn dispatch(exit: &Exit, rip: u64, env: &VcpuEnv, msrs: &dyn MsrAcces
             let mut data = vec![0xFFu8; *len];
             match supplied {
                 Some(v) => fill(&mut data, v),
-                None => *stats.unhandled_mmio_reads.entry(*address).or_default() += 1,
+                None => {
+                    // The device runs without the statistics lock: a virtio transport takes its
+                    // own lock, which its worker thread also holds while it processes queues.
+                    drop(stats);
+                    if let BusResult::Unhandled = env.mmio.read(*address, &mut data) {
+                        data.fill(0xFF);
+                        *lock(env.stats).unhandled_mmio_reads.entry(*address).or_default() += 1;
+                    }
+                }
             }
             (Flow::Resume, Completion::Data(data))
         }
-        Exit::MmioWrite { address, .. } => {
-            if !vetoed && event.as_ref().is_none_or(|ev| !env.hooks.wants(&ev.kind)) {
-                *stats.unhandled_mmio_writes.entry(*address).or_default() += 1;
+        Exit::MmioWrite { address, data } => {
+            if vetoed {
+                return Ok((Flow::Resume, Completion::Nothing));
             }
-            (Flow::Resume, Completion::Nothing)
+            let mut data = data.clone();
+            if let Some(v) = rewritten {
+                fill(&mut data, v);
+            }
+            drop(stats);
+            match env.mmio.write(*address, &data) {
+                BusResult::Done => (Flow::Resume, Completion::Nothing),
+                BusResult::Exit(outcome) => (Flow::End(outcome), Completion::Nothing),
+                BusResult::Unhandled => {
+                    // A write a hook saw counts as handled: the hook is the device.
+                    if event.as_ref().is_none_or(|ev| !env.hooks.wants(&ev.kind)) {
+                        *lock(env.stats).unhandled_mmio_writes.entry(*address).or_default() += 1;
+                    }
+                    (Flow::Resume, Completion::Nothing)
+                }
+            }
         }
         Exit::MsrRead { index } => {
             *stats.msr_reads.entry(*index).or_default() += 1;

@@ -18,7 +18,7 @@ use super::syscall_fixup;
 use super::kick::ArmedThread;
 use super::regs::RegisterFile;
 use crate::boot::EntryPoint;
-use crate::devices::{lock, IoBus};
+use crate::devices::{lock, IoBus, MmioBus};
 use crate::hooks::{Event, EventKind, HookError, Hooks, Trigger};
 use crate::memory::GuestRam;
 use crate::outcome::{ExitReason, Outcome};
@@ -55,6 +55,7 @@ pub struct VcpuEnv<'a> {
     pub sites: &'a RwLock<Sites>,
     pub ram: &'a GuestRam,
     pub io: &'a IoBus,
+    pub mmio: &'a MmioBus,
     pub hooks: &'a Hooks,
     /// VM-wide: leave the loop at the next opportunity.
     pub stop: &'a AtomicBool,

@@ -19,7 +19,7 @@ use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, Process
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
-use acpi_tables::{Aml, AmlSink};
+use acpi_tables::{aml, Aml, AmlSink};
 use zerocopy::little_endian::{U16, U32};
 use zerocopy::{Immutable, IntoBytes};
 
@@ -28,6 +28,7 @@ use super::pm::{
     PM1_CNT_BLK, PM1_CNT_LEN, PM1_EVT_BLK, PM1_EVT_LEN, PM_TMR_BLK, PM_TMR_LEN, S5_SLP_TYP, SCI_IRQ,
 };
 use crate::boot::bios::{byte_sum, ACPI_START, IOAPIC_ADDRESS, LAPIC_ADDRESS, MPTABLE_START};
+use crate::devices::virtio::{self, VirtioInfo};
 use crate::memory::GuestRam;
 use crate::{Error, Result};
 
@@ -121,13 +122,14 @@ fn madt(cpus: usize) -> Vec<u8> {
     table
 }
 
-fn dsdt() -> Vec<u8> {
+fn dsdt(virtio: &[VirtioInfo]) -> Vec<u8> {
     // \_S5: the SLP_TYP values for PM1a_CNT and PM1b_CNT (which this machine lacks), then two
     // reserved bytes.
     let s5 = Name::new("_S5_".into(), &Package::new(vec![&S5_SLP_TYP, &S5_SLP_TYP, &0u8, &0u8]));
     // Revision 2: integers are 64-bit.
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, 1);
     dsdt.append_slice(&bytes(&s5));
+    dsdt.append_slice(&virtio_aml(virtio));
     dsdt.as_slice().to_vec()
 }
 
@@ -165,10 +167,11 @@ fn fadt(dsdt_at: u64, facs_at: u64) -> Vec<u8> {
     bytes(&fadt.finalize())
 }
 
-/// Writes the tables for `cpus` processors from `ACPI_START`; returns the RSDP's address.
-pub fn write_tables(ram: &GuestRam, cpus: usize) -> Result<u64> {
+/// Writes the tables for `cpus` processors and the `virtio` devices from `ACPI_START`; returns
+/// the RSDP's address.
+pub fn write_tables(ram: &GuestRam, cpus: usize, virtio: &[VirtioInfo]) -> Result<u64> {
     let madt = madt(cpus);
-    let dsdt = dsdt();
+    let dsdt = dsdt(virtio);
     let facs = bytes(&FACS::new());
     // The XSDT's size does not depend on the addresses in it.
     let xsdt_len = {
@@ -203,6 +206,31 @@ pub fn write_tables(ram: &GuestRam, cpus: usize) -> Result<u64> {
     ram.write(dsdt_at, &dsdt)?;
     ram.write(facs_at, &facs)?;
     Ok(rsdp_at)
+}
+
+/// AML for the virtio-mmio devices, for the DSDT: `Scope(\\_SB) { Device(VRnn) { ... } }` with
+/// one device per entry, each with `_HID "LNRO0005"` (what Linux's virtio_mmio driver matches),
+/// `_UID` its index, and `_CRS` giving its register window (`Memory32Fixed`) and its interrupt
+/// (edge-triggered, active-high: an irqfd raises an edge). The bytes stand alone: the DSDT
+/// builder appends them to the table's body.
+pub fn virtio_aml(devices: &[VirtioInfo]) -> Vec<u8> {
+    if devices.is_empty() {
+        return Vec::new();
+    }
+    let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+    let uids: Vec<aml::Name> = devices.iter().map(|d| aml::Name::new("_UID".into(), &(d.index as u32))).collect();
+    let windows: Vec<aml::Memory32Fixed> =
+        devices.iter().map(|d| aml::Memory32Fixed::new(true, d.base as u32, virtio::MMIO_SIZE as u32)).collect();
+    let irqs: Vec<aml::Interrupt> = devices.iter().map(|d| aml::Interrupt::new(true, true, false, false, d.gsi)).collect();
+    let templates: Vec<aml::ResourceTemplate> =
+        windows.iter().zip(&irqs).map(|(w, i)| aml::ResourceTemplate::new(vec![w, i])).collect();
+    let crs: Vec<aml::Name> = templates.iter().map(|t| aml::Name::new("_CRS".into(), t)).collect();
+    let names: Vec<String> = devices.iter().map(|d| format!("VR{:02X}", d.index)).collect();
+    let devs: Vec<aml::Device> = (0..devices.len())
+        .map(|i| aml::Device::new(names[i].as_str().into(), vec![&hid, &uids[i], &crs[i]]))
+        .collect();
+    let children: Vec<&dyn Aml> = devs.iter().map(|d| d as &dyn Aml).collect();
+    bytes(&aml::Scope::new("\\_SB_".into(), children))
 }
 
 #[cfg(test)]
@@ -262,7 +290,7 @@ mod tests {
     #[test]
     fn rsdp_leads_to_a_madt_with_every_cpu() {
         let ram = GuestRam::new(4 << 20).unwrap();
-        let rsdp_at = write_tables(&ram, 2).unwrap();
+        let rsdp_at = write_tables(&ram, 2, &[]).unwrap();
         let all = tables(&ram, rsdp_at);
         assert_eq!(all.len(), 2);
         let madt = find(&all, b"APIC");
@@ -282,7 +310,7 @@ mod tests {
     #[test]
     fn fadt_leads_to_the_dsdt_the_facs_and_the_pm_registers() {
         let ram = GuestRam::new(4 << 20).unwrap();
-        let all = tables(&ram, write_tables(&ram, 1).unwrap());
+        let all = tables(&ram, write_tables(&ram, 1, &[]).unwrap());
         let fadt = find(&all, b"FACP");
         assert_eq!((fadt.len(), fadt[8], fadt[131]), (276, 6, 5), "FADT 6.5");
         assert_eq!((u32_at(fadt, 36), u32_at(fadt, 40)), (0, 0), "the 64-bit pointers are the ones");
@@ -328,7 +356,55 @@ mod tests {
     #[test]
     fn the_most_vcpus_still_fit_below_the_mp_table() {
         let ram = GuestRam::new(4 << 20).unwrap();
-        let all = tables(&ram, write_tables(&ram, crate::vm::MAX_VCPUS).unwrap());
+        let all = tables(&ram, write_tables(&ram, crate::vm::MAX_VCPUS, &[]).unwrap());
         assert_eq!(find(&all, b"APIC").len(), 44 + 8 * crate::vm::MAX_VCPUS + 12 + 10 + 6);
+    }
+
+    fn virtio_info(index: usize) -> VirtioInfo {
+        VirtioInfo {
+            index,
+            device_type: 2,
+            base: virtio::MMIO_BASE + index as u64 * virtio::MMIO_STRIDE,
+            gsi: virtio::FIRST_GSI + index as u32,
+            description: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_dsdt_carries_the_virtio_devices_and_every_device_fits() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let devices: Vec<VirtioInfo> = (0..virtio::MAX_DEVICES).map(virtio_info).collect();
+        let all = tables(&ram, write_tables(&ram, crate::vm::MAX_VCPUS, &devices).unwrap());
+        let fadt = find(&all, b"FACP");
+        let dsdt = table(&ram, u64_at(fadt, 140), b"DSDT");
+        assert!(sums_to_zero(&dsdt));
+        let aml = virtio_aml(&devices);
+        assert!(dsdt.ends_with(&aml), "the devices follow \\_S5");
+        assert_eq!(dsdt.windows(8).filter(|w| *w == b"LNRO0005").count(), virtio::MAX_DEVICES);
+    }
+
+    #[test]
+    fn virtio_devices_are_described_for_linux_virtio_mmio() {
+        assert!(virtio_aml(&[]).is_empty());
+        let info = virtio_info;
+        let aml = virtio_aml(&[info(0), info(1)]);
+        let find = |needle: &[u8]| aml.windows(needle.len()).filter(|w| *w == needle).count();
+        assert_eq!(aml[0], 0x10, "a Scope");
+        assert_eq!(find(b"\\_SB_"), 1);
+        assert_eq!(find(b"VR00"), 1);
+        assert_eq!(find(b"VR01"), 1);
+        // _HID as a string, twice.
+        assert_eq!(find(b"_HID\x0dLNRO0005\0"), 2);
+        // Memory32Fixed: tag 0x86, length 9, read-write, base, size 0x200.
+        let window = |base: u32| [&[0x86, 9, 0, 1][..], &base.to_le_bytes(), &0x200u32.to_le_bytes()].concat();
+        assert_eq!(find(&window(0xD000_0000)), 1);
+        assert_eq!(find(&window(0xD000_1000)), 1);
+        // Extended interrupt: tag 0x89, length 6, consumer + edge (active-high, exclusive), one GSI.
+        let irq = |gsi: u32| [&[0x89, 6, 0, 0b11, 1][..], &gsi.to_le_bytes()].concat();
+        assert_eq!(find(&irq(16)), 1);
+        assert_eq!(find(&irq(17)), 1);
+        // _UID 0 is ZeroOp, 1 is OneOp.
+        assert_eq!(find(b"_UID\x00"), 1);
+        assert_eq!(find(b"_UID\x01"), 1);
     }
 }

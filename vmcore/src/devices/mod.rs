@@ -4,12 +4,15 @@ pub mod acpi;
 pub mod cmos;
 pub mod fw_cfg;
 pub mod i8042;
+pub mod mmio;
 pub mod pci;
 pub mod pm;
 pub mod post;
+pub mod virtio;
 mod debug_exit;
 mod serial;
 
+pub use mmio::{MmioBus, MmioDevice};
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
 pub use serial::{SerialPort, COM1_IRQ, COM1_PORT};
 

@@ -19,7 +19,7 @@ use kvm_bindings::{
     KVM_CAP_X86_USER_SPACE_MSR, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_INVAL,
     KVM_MSR_EXIT_REASON_UNKNOWN, KVM_MSR_FILTER_MAX_RANGES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 
 use crate::boot::{self, bios, CodeRange, CpuMode, EntryPoint, LinuxKernel, LinuxOptions, LinuxProtocol, LoadedImage, Module};
 use crate::console::{Console, Tee};
@@ -28,7 +28,10 @@ use crate::cpu::sites::Sites;
 use crate::cpu::{cpuid, kick, PreciseMode, RegisterFile, Vcpu, VcpuStatus, MAX_BREAKPOINTS};
 use crate::devices::cmos::{self, Cmos, CMOS_PORT};
 use crate::devices::fw_cfg::{FwCfg, FW_CFG_PORT, FW_CFG_PORTS};
-use crate::devices::{acpi, lock, DebugExit, IoBus, IrqLine, SerialPort, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
+use crate::devices::virtio::block::{Block, DiskOptions};
+use crate::devices::virtio::net::{Net, NetOptions, NetPort};
+use crate::devices::virtio::{self, VirtioDevice, VirtioInfo, VirtioMmio, Worker};
+use crate::devices::{acpi, lock, DebugExit, IoBus, MmioBus, IrqLine, SerialPort, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
 use crate::hooks::{Event, EventKind, HookFn, HookId, Hooks, Trigger};
 use crate::memory::{GuestRam, MMIO_HOLE_START};
 use crate::outcome::{ExitReason, Outcome};
@@ -164,7 +167,7 @@ impl VmBuilder {
         crate::devices::insert_platform(&mut io)?;
         // What a PC's firmware would leave: BIOS data area, MP table, ACPI tables.
         bios::write_bios_area(&ram, self.vcpus)?;
-        acpi::write_tables(&ram, self.vcpus)?;
+        acpi::write_tables(&ram, self.vcpus, &[])?;
 
         let count = vcpus.len();
         let machine = Machine {
@@ -173,9 +176,11 @@ impl VmBuilder {
             stats: (0..count).map(|_| Mutex::default()).collect(),
             vm_fd,
             io,
+            mmio: MmioBus::default(),
             fw_cfg,
             hooks: Hooks::default(),
             console,
+            virtio: Mutex::new(Vec::new()),
             ram,
             stop: AtomicBool::new(false),
             run: Mutex::new(RunState { phase: Phase::Empty, has_run: false, end: None, alive: 0 }),
@@ -240,9 +245,12 @@ pub(crate) struct Machine {
     stats: Vec<Mutex<ExitStats>>,
     vm_fd: VmFd,
     io: IoBus,
+    mmio: MmioBus,
     fw_cfg: Arc<Mutex<FwCfg>>,
     hooks: Hooks,
     console: Console,
+    /// Virtio devices; dropping one stops and joins its worker thread.
+    virtio: Mutex<Vec<VirtioSlot>>,
     ram: GuestRam,
     /// Tells vCPU loops to return; set with `run.end`.
     stop: AtomicBool,
@@ -301,6 +309,11 @@ impl Machine {
             _ => log::info!("run ended: {outcome}"),
         }
         self.console.set_live(false, &outcome.to_string());
+        for slot in lock(&self.virtio).iter() {
+            if let Some(c) = &slot.console {
+                c.set_live(false, &outcome.to_string());
+            }
+        }
         lock(&self.run).phase = Phase::Ended(outcome);
         self.changed.notify_all();
     }
@@ -315,6 +328,18 @@ impl Machine {
         drop(st);
         self.changed.notify_all();
     }
+}
+
+/// A virtio device of the VM. Field order is drop order: the worker stops before the transport
+/// (and the files and eventfds it holds) goes.
+struct VirtioSlot {
+    _worker: Worker,
+    info: VirtioInfo,
+    /// A network device's outside (frames in and out).
+    net: Option<Arc<NetPort>>,
+    /// A console device's output and input.
+    console: Option<Arc<Console>>,
+    _transport: Arc<Mutex<VirtioMmio>>,
 }
 
 /// A virtual machine. All methods take `&self`: a `Vm` can be shared between the thread that
@@ -446,6 +471,107 @@ impl Vm {
         self.load_linux_bytes(&image, &kernel.display().to_string(), &opts)
     }
 
+    /// Attaches a raw disk image as a virtio-blk device (before the first run). `serial` (at most
+    /// 20 bytes) is what the guest reads as the disk's ID.
+    pub fn add_disk(&self, path: &Path, readonly: bool, serial: Option<&str>) -> Result<VirtioInfo> {
+        let options = DiskOptions { readonly, serial: serial.map(str::to_string) };
+        self.add_virtio(Box::new(Block::open(path, &options)?), None, None)
+    }
+
+    /// Adds a virtio-rng device (entropy from the host's getrandom), before the first run.
+    pub fn add_rng(&self) -> Result<VirtioInfo> {
+        self.add_virtio(Box::new(virtio::rng::Rng::new()), None, None)
+    }
+
+    /// Adds a virtio-net device (before the first run). Returns its port: inject frames, link it
+    /// to another VM's device, change its filter, read its counters.
+    pub fn add_net(&self, options: &NetOptions) -> Result<(VirtioInfo, Arc<NetPort>)> {
+        let device = Net::new(options)?;
+        let port = device.port();
+        let info = self.add_virtio(Box::new(device), Some(port.clone()), None)?;
+        Ok((info, port))
+    }
+
+    /// Adds a virtio-console device (before the first run): a second console, Linux's
+    /// `/dev/hvc0`, with the same `expect`, `tail` and `send` as the serial one.
+    pub fn add_console(&self) -> Result<(VirtioInfo, Arc<Console>)> {
+        let console = Arc::new(Console::new(None)?);
+        let device = virtio::console::VirtioConsole::new(&console)?;
+        let info = self.add_virtio(Box::new(device), None, Some(console.clone()))?;
+        Ok((info, console))
+    }
+
+    /// The console of virtio device `index`, if it is a console device.
+    pub fn virtio_console(&self, index: usize) -> Result<Arc<Console>> {
+        lock(&self.machine.virtio)
+            .get(index)
+            .and_then(|s| s.console.clone())
+            .ok_or_else(|| Error::Config(format!("virtio device {index} is not a console device of this VM")))
+    }
+
+    /// The port of virtio device `index`, if it is a network device.
+    pub fn net_port(&self, index: usize) -> Result<Arc<NetPort>> {
+        lock(&self.machine.virtio)
+            .get(index)
+            .and_then(|s| s.net.clone())
+            .ok_or_else(|| Error::Config(format!("virtio device {index} is not a network device of this VM")))
+    }
+
+    /// The VM's virtio devices, in the order they were added.
+    pub fn virtio_devices(&self) -> Vec<VirtioInfo> {
+        lock(&self.machine.virtio).iter().map(|s| s.info.clone()).collect()
+    }
+
+    /// Puts `device` on the MMIO bus behind a virtio-mmio transport: the next free window and GSI,
+    /// an irqfd for its interrupt, an ioeventfd per queue on QueueNotify, a worker thread.
+    fn add_virtio(
+        &self,
+        device: Box<dyn VirtioDevice>,
+        net: Option<Arc<NetPort>>,
+        console: Option<Arc<Console>>,
+    ) -> Result<VirtioInfo> {
+        {
+            let st = lock(&self.machine.run);
+            if st.has_run || matches!(st.phase, Phase::Running) {
+                return Err(Error::State("virtio devices must be added before the VM first runs".into()));
+            }
+        }
+        let mut slots = lock(&self.machine.virtio);
+        let index = slots.len();
+        if index >= virtio::MAX_DEVICES {
+            return Err(Error::Config(format!("at most {} virtio devices per VM", virtio::MAX_DEVICES)));
+        }
+        let base = virtio::MMIO_BASE + index as u64 * virtio::MMIO_STRIDE;
+        let gsi = virtio::FIRST_GSI + index as u32;
+        let info = VirtioInfo { index, device_type: device.device_type(), base, gsi, description: device.describe() };
+        let transport = Arc::new(Mutex::new(VirtioMmio::new(device, self.machine.ram.guest_memory().clone(), IrqLine::new()?)?));
+        let worker = Worker::spawn(format!("vmcore-virtio{index}"), transport.clone())?;
+        let vm = &self.machine.vm_fd;
+        let notify = IoEventAddress::Mmio(base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY));
+        {
+            let t = lock(&transport);
+            let irq = t.irq().eventfd();
+            vm.register_irqfd(irq, gsi).map_err(Error::kvm("IRQFD(virtio)"))?;
+            let notifiers = t.notifiers();
+            for (i, n) in notifiers.iter().enumerate() {
+                if let Err(e) = vm.register_ioevent(n, &notify, i as u32) {
+                    for (j, done) in notifiers[..i].iter().enumerate() {
+                        let _ = vm.unregister_ioevent(done, &notify, j as u32);
+                    }
+                    let _ = vm.unregister_irqfd(irq, gsi);
+                    return Err(Error::Kvm { op: "IOEVENTFD(virtio)", source: e });
+                }
+            }
+        }
+        self.machine.mmio.insert(base, virtio::MMIO_SIZE, transport.clone())?;
+        log::debug!("added {} as virtio-mmio device {index} at {base:#x}, GSI {gsi}", info.description);
+        slots.push(VirtioSlot { _worker: worker, info: info.clone(), net, console, _transport: transport });
+        // The DSDT describes every virtio device, so the tables are written again with this one.
+        let all: Vec<VirtioInfo> = slots.iter().map(|s| s.info.clone()).collect();
+        acpi::write_tables(&self.machine.ram, self.machine.vcpus.len(), &all)?;
+        Ok(info)
+    }
+
     /// Adds a named file to fw_cfg (like QEMU's `-fw_cfg name=...`).
     pub fn add_fw_cfg_file(&self, name: &str, data: Vec<u8>) -> Result<()> {
         lock(&self.machine.fw_cfg).add_file(name, data)
@@ -550,6 +676,11 @@ impl Vm {
         log::debug!("starting a run of {} vCPU(s)", self.machine.vcpus.len());
         self.machine.stop.store(false, Ordering::Release);
         self.machine.console.set_live(true, "running");
+        for slot in lock(&self.machine.virtio).iter() {
+            if let Some(c) = &slot.console {
+                c.set_live(true, "running");
+            }
+        }
         drop(st);
         let deadline = crate::deadline(timeout);
         // The vCPU threads start before the supervisor, so the guest does not wait for two

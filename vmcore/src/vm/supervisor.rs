@@ -144,6 +144,7 @@ fn vcpu_thread(machine: &Machine, index: usize) {
         hooks: &machine.hooks,
         ram: &machine.ram,
         io: &machine.io,
+        mmio: &machine.mmio,
         stop: &machine.stop,
         status: &machine.status[index],
         stats: &machine.stats[index],
