@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import termios
 import tty
 from pathlib import Path
 
@@ -109,7 +110,8 @@ def test_pty_console_can_be_attached_to_and_typed_into(guests):
         assert match, line
         fd = os.open(match.group(1), os.O_RDWR | os.O_NOCTTY)
         try:
-            tty.setraw(fd)
+            # TCSANOW: the default TCSAFLUSH would discard what the guest printed before we got here.
+            tty.setraw(fd, termios.TCSANOW)
             read_until(fd, b"ready\n")
             os.write(fd, b"typed into the pty\n")
             assert b"typed into the pty\n" in read_until(fd, b"typed into the pty\n")
