@@ -87,6 +87,18 @@ def test_config_file(guests, tmp_path):
     assert out.returncode == 64 and "unknown keys ['colour']" in out.stderr
 
 
+def test_disks_are_attached_and_bad_disk_specs_refused(guests, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    kernel = ["run", "--kernel", str(guests.path("debug-exit.bin")), "--flat", "long"]
+    out = vmcore(*kernel, "--disk", str(image), "--disk", f"{image},readonly")
+    assert out.returncode == 0x63, out.stderr
+    out = vmcore(*kernel, "--disk", f"{image},sometimes")
+    assert out.returncode == 64 and "only ',readonly' may follow" in out.stderr
+    out = vmcore(*kernel, "--disk", str(tmp_path / "missing.img"))
+    assert out.returncode != 0 and "missing.img" in out.stderr
+
+
 def read_until(fd: int, pattern: bytes, timeout: float = 20) -> bytes:
     seen = b""
     deadline = time.monotonic() + timeout

@@ -3,6 +3,7 @@
 ::
 
     vmcore run --kernel test.elf --append "quiet" --initrd mod.bin --cpus 2 --console pty
+    vmcore run --kernel vmlinuz --initrd initramfs.cpio --append console=ttyS0 --disk root.img --cpus 2
     vmcore run -c vm.toml
     vmcore info
 """
@@ -35,7 +36,7 @@ EXIT_USAGE = 64
 EXIT_BAD_IMAGE = 65
 EXIT_NO_KVM = 69
 
-CONFIG_KEYS = ("kernel", "initrd", "append", "memory", "cpus", "console", "timeout", "flat", "load_address")
+CONFIG_KEYS = ("kernel", "initrd", "append", "memory", "cpus", "console", "timeout", "flat", "load_address", "disk")
 
 
 def exit_status(outcome: Outcome) -> int:
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="boot a kernel",
-        description="Boot a multiboot or ELF kernel (or a flat binary with --flat).",
+        description="Boot a Linux (bzImage or vmlinux), multiboot or ELF kernel (or a flat binary with --flat).",
         epilog=(
             "exit status: the guest's debug-exit value v as QEMU's (v<<1)|1; 0 halted or powered off; "
             "2 triple fault; 4 reboot; 3 emulation or internal failure; 124 timeout; 130 interrupted; 64 bad arguments; "
@@ -69,7 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--kernel", type=Path, help="the kernel: multiboot, ELF, or a flat binary with --flat")
     run.add_argument(
         "--initrd", action="append", default=None,
-        help='a multiboot module "path [args]"; repeat, or separate with commas as QEMU does',
+        help='Linux: the initrd; multiboot: a module "path [args]"; repeat, or separate with commas as QEMU does',
+    )
+    run.add_argument(
+        "--disk", action="append", default=None,
+        help='a raw disk image for a virtio-blk device ("path" or "path,readonly"); repeat for more disks',
     )
     run.add_argument("--append", default=None, help="the kernel command line")
     run.add_argument("--memory", default=None, help='guest RAM, e.g. "256M" (default 256M)')
@@ -84,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Dict[str, Any]:
     """Command-line options over the config file over the defaults."""
-    settings: Dict[str, Any] = {"memory": "256M", "cpus": 1, "console": "stdio", "append": "", "initrd": []}
+    settings: Dict[str, Any] = {"memory": "256M", "cpus": 1, "console": "stdio", "append": "", "initrd": [], "disk": []}
     if args.config is not None:
         try:
             import tomllib  # Python 3.11+
@@ -103,15 +108,27 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
         if "initrd" in loaded:
             initrd = [loaded["initrd"]] if isinstance(loaded["initrd"], str) else loaded["initrd"]
             settings["initrd"] = [str(base / spec) for spec in initrd]
+        if "disk" in loaded:
+            disks = [loaded["disk"]] if isinstance(loaded["disk"], str) else loaded["disk"]
+            settings["disk"] = [str(base / spec) for spec in disks]
     for key in CONFIG_KEYS:
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
     if "kernel" not in settings:
         raise ConfigError("no kernel: give --kernel or a config file with kernel = ...")
-    initrd = settings["initrd"]
-    settings["initrd"] = [initrd] if isinstance(initrd, str) else list(initrd)
+    for key in ("initrd", "disk"):
+        value = settings[key]
+        settings[key] = [value] if isinstance(value, str) else list(value)
     return settings
+
+
+def _disk(spec: str) -> Tuple[str, bool]:
+    """ "path" or "path,readonly" (QEMU's spelling; "ro" too)."""
+    path, _, flag = spec.partition(",")
+    if flag not in ("", "readonly", "ro"):
+        raise ConfigError(f"--disk {spec!r}: after the path only ',readonly' may follow")
+    return path, flag != ""
 
 
 def _modules(specs: Sequence[str]) -> List[Tuple[str, str]]:
@@ -176,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
             vm.load_flat(Path(s["kernel"]).read_bytes(), address=address, mode=s["flat"])
         else:
             vm.load_kernel(s["kernel"], s["append"], _modules(s["initrd"]))
+        for spec in s["disk"]:
+            path, readonly = _disk(spec)
+            vm.add_disk(path, readonly=readonly)
         if s["console"] == "pty":
             pty_pair = os.openpty()
             tty.setraw(pty_pair[1])
