@@ -47,9 +47,11 @@ class GuestTimeout(Exception):
 
 def qemu_command(accel: str = "tcg", smp: int = 2, memory: str = "256M", machine: str = "pc",
                  append: str = "", kernel: Path = GUEST / "vmlinuz", initrd: Path = GUEST / "initramfs.cpio",
-                 interactive: bool = False) -> List[str]:
+                 interactive: bool = False, disks: Sequence[Path] = ()) -> List[str]:
     cmdline = " ".join(part for part in (BASE_APPEND, append) if part)
-    return [QEMU, "-accel", accel, "-M", machine, "-m", memory, "-smp", str(smp), "-nodefaults", "-no-user-config",
+    # Each disk as a virtio-blk device on PCI, raw, without the host's page cache.
+    drives = [arg for disk in disks for arg in ("-drive", f"file={disk},format=raw,if=virtio,cache=none")]
+    return [QEMU, *drives, "-accel", accel, "-M", machine, "-m", memory, "-smp", str(smp), "-nodefaults", "-no-user-config",
             "-display", "none", "-serial", "mon:stdio" if interactive else "stdio", "-no-reboot",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
 
@@ -112,10 +114,11 @@ class Boot:
 
 
 def boot(accel: str = "tcg", smp: int = 2, memory: str = "256M", machine: str = "pc", append: str = "",
-         commands: Sequence[str] = (), timeout: float = 120.0, poweroff: bool = True) -> Boot:
+         commands: Sequence[str] = (), timeout: float = 120.0, poweroff: bool = True,
+         disks: Sequence[Path] = ()) -> Boot:
     """Boots the guest, waits for the marker, runs `commands` at its shell, powers it off.
     Raises GuestTimeout (with the console's tail) when something does not come in time."""
-    args = qemu_command(accel, smp, memory, machine, append)
+    args = qemu_command(accel, smp, memory, machine, append, disks=disks)
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     console = Console(proc)
