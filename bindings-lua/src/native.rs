@@ -225,12 +225,12 @@ impl NativeVm {
     }
 
     /// The serial console (`port` nil) or the console of virtio device `port`.
-    fn console(&self, port: &Value) -> Res<ConsoleRef> {
-        let vm = self.get()?;
-        match port {
-            Value::Nil => Ok(ConsoleRef::Serial(vm)),
-            index => Ok(ConsoleRef::Virtio(core(vm.virtio_console(args::count(index, "console index")?))?)),
-        }
+    fn console(&self, port: &Value) -> Res<Arc<vmcore::console::Console>> {
+        let port = match port {
+            Value::Nil => None,
+            index => Some(args::count(index, "console index")?),
+        };
+        core(self.get()?.console_port(port))
     }
 
     fn net(&self, index: &Value) -> Res<Arc<NetPort>> {
@@ -244,22 +244,6 @@ impl NativeVm {
             return Err(Error::Memory(format!("cannot read {length} bytes: the guest has {size} bytes of RAM")).into());
         }
         Ok(())
-    }
-}
-
-/// A VM's serial console, or one of its virtio consoles.
-enum ConsoleRef {
-    Serial(Arc<Vm>),
-    Virtio(Arc<vmcore::console::Console>),
-}
-
-impl std::ops::Deref for ConsoleRef {
-    type Target = vmcore::console::Console;
-    fn deref(&self) -> &vmcore::console::Console {
-        match self {
-            ConsoleRef::Serial(vm) => vm.console(),
-            ConsoleRef::Virtio(c) => c,
-        }
     }
 }
 

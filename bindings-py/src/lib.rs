@@ -156,30 +156,10 @@ impl NativeVm {
     }
 }
 
-/// A VM's serial console, or one of its virtio consoles.
-enum ConsoleRef {
-    Serial(Arc<Vm>),
-    Virtio(Arc<vmcore::console::Console>),
-}
-
-impl std::ops::Deref for ConsoleRef {
-    type Target = vmcore::console::Console;
-    fn deref(&self) -> &vmcore::console::Console {
-        match self {
-            ConsoleRef::Serial(vm) => vm.console(),
-            ConsoleRef::Virtio(c) => c,
-        }
-    }
-}
-
 impl NativeVm {
     /// The serial console (`port` None) or the console of virtio device `port`.
-    fn console(&self, py: Python<'_>, port: Option<usize>) -> PyResult<ConsoleRef> {
-        let vm = self.get()?;
-        match port {
-            None => Ok(ConsoleRef::Serial(vm)),
-            Some(index) => vm.virtio_console(index).map(ConsoleRef::Virtio).py_err(py),
-        }
+    fn console(&self, py: Python<'_>, port: Option<usize>) -> PyResult<Arc<vmcore::console::Console>> {
+        self.get()?.console_port(port).py_err(py)
     }
 }
 

@@ -151,7 +151,7 @@ impl VmBuilder {
             .map(|i| Vcpu::new(&vm_fd, i, &cpuid::for_vcpu(supported, i, self.vcpus)).map(Mutex::new))
             .collect::<Result<Vec<_>>>()?;
 
-        let console = Console::new(self.tee.as_ref())?;
+        let console = Arc::new(Console::new(self.tee.as_ref())?);
         let mut io = IoBus::default();
         let serial = Arc::new(Mutex::new(SerialPort::new(IrqLine::new()?, console.writer())));
         vm_fd
@@ -248,7 +248,7 @@ pub(crate) struct Machine {
     mmio: MmioBus,
     fw_cfg: Arc<Mutex<FwCfg>>,
     hooks: Hooks,
-    console: Console,
+    console: Arc<Console>,
     /// Virtio devices; dropping one stops and joins its worker thread.
     virtio: Mutex<Vec<VirtioSlot>>,
     ram: GuestRam,
@@ -499,6 +499,14 @@ impl Vm {
         let device = virtio::console::VirtioConsole::new(&console)?;
         let info = self.add_virtio(Box::new(device), None, Some(console.clone()))?;
         Ok((info, console))
+    }
+
+    /// The serial console (`port` None) or the console of virtio device `port`.
+    pub fn console_port(&self, port: Option<usize>) -> Result<Arc<Console>> {
+        match port {
+            None => Ok(self.machine.console.clone()),
+            Some(index) => self.virtio_console(index),
+        }
     }
 
     /// The console of virtio device `index`, if it is a console device.
