@@ -37,12 +37,13 @@ pub fn kvm_flavour() -> &'static str {
 /// code), CX16 (141: SLUB would use CMPXCHG16B on every allocation) and SMAP (308: STAC/CLAC
 /// around every user-memory access). Userspace still sees and uses every feature: it runs
 /// natively. `initcall_blacklist=` skips ftrace's check of its 40,000 call sites against
-/// kallsyms (ten minutes here, for weak functions nobody traces in a test VM) and the loading
-/// of the kernel's built-in X.509 certificates (a minute, ending in a timeout; unsigned modules
-/// still load, with a taint).
+/// kallsyms (ten minutes here, for weak functions nobody traces in a test VM), the creation of
+/// the tracing file system's files (two minutes; /sys/kernel/tracing stays empty) and the
+/// loading of the kernel's built-in X.509 certificates (a minute, ending in a timeout; unsigned
+/// modules still load, with a taint). `adapt_to_host=False` boots without any of this.
 pub fn linux_cmdline_adaptations() -> &'static str {
     if kvm_flavour() == "kvm_pvm" {
-        "noxsave clearcpuid=137,141,308 initcall_blacklist=ftrace_check_for_weak_functions,load_system_certificate_list"
+        "noxsave clearcpuid=137,141,308 initcall_blacklist=ftrace_check_for_weak_functions,tracer_init_tracefs,load_system_certificate_list"
     } else {
         ""
     }
