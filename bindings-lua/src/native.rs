@@ -485,6 +485,34 @@ impl UserData for NativeVm {
             Ok(int(core(this.get()?.translate(vcpu, address))?))
         });
         method(m, "stats", |lua, this, ()| Ok(args::stats(lua, &this.get()?.stats())?));
+        method(m, "sample_rip", |_, this, on: Option<bool>| {
+            this.get()?.sample_rip(on.unwrap_or(true));
+            Ok(())
+        });
+        method(m, "rip_samples", |lua, this, ()| {
+            let t = lua.create_table()?;
+            for (rip, count) in this.get()?.rip_samples() {
+                t.set(int(rip), int(count))?;
+            }
+            Ok(t)
+        });
+        method(m, "clear_rip_samples", |_, this, ()| {
+            this.get()?.clear_rip_samples();
+            Ok(())
+        });
+        method(m, "profile", |lua, this, symbol_map: Value| {
+            let path = args::path(&symbol_map, "symbol_map")?;
+            let text = std::fs::read(&path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+            let ranked = core(this.get()?.profile(&String::from_utf8_lossy(&text)))?;
+            let t = lua.create_table()?;
+            for (function, samples) in ranked {
+                let row = lua.create_table()?;
+                row.set("func", function)?;
+                row.set("samples", int(samples))?;
+                t.push(row)?;
+            }
+            Ok(t)
+        });
     }
 }
 

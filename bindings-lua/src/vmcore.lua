@@ -238,6 +238,7 @@ for _, name in ipairs({
   "load_flat", "load_elf", "load_multiboot", "load_kernel", "load_linux", "add_fw_cfg_file",
   "read_phys", "write_phys", "read_virt", "write_virt",
   "translate", "stats", "close", "cpuid_ignored",
+  "sample_rip", "rip_samples", "clear_rip_samples", "profile",
 }) do
   vm_methods[name] = function(self, ...)
     local handle = native_of(self, Vm, name)

@@ -504,6 +504,28 @@ impl NativeVm {
         Ok(self.get()?.cpuid_ignored().into_iter().map(|c| (c.vcpu, c.leaf, c.subleaf, c.wanted, c.kept)).collect())
     }
 
+    /// Turns guest RIP sampling on or off.
+    fn sample_rip(&self, on: bool) -> PyResult<()> {
+        self.get()?.sample_rip(on);
+        Ok(())
+    }
+
+    /// Guest RIP sample counts so far: {rip: samples}.
+    fn rip_samples(&self) -> PyResult<std::collections::BTreeMap<u64, u64>> {
+        Ok(self.get()?.rip_samples())
+    }
+
+    fn clear_rip_samples(&self) -> PyResult<()> {
+        self.get()?.clear_rip_samples();
+        Ok(())
+    }
+
+    /// The RIP samples by kernel function, the busiest first: [(function, samples)], named
+    /// from System.map or /proc/kallsyms text.
+    fn profile(&self, py: Python<'_>, symbol_map: &str) -> PyResult<Vec<(String, u64)>> {
+        self.get()?.profile(symbol_map).py_err(py)
+    }
+
     /// Cumulative exits by reason over time: [(seconds, {reason: count})].
     fn exit_timeline(&self) -> PyResult<Vec<(f64, std::collections::BTreeMap<&'static str, u64>)>> {
         Ok(self.get()?.exit_timeline())

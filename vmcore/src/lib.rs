@@ -20,6 +20,7 @@ pub mod outcome;
 pub mod stats;
 pub mod memory;
 pub mod paging;
+pub mod profile;
 pub mod vm;
 
 pub use boot::CpuMode;

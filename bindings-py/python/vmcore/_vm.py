@@ -761,6 +761,28 @@ class Vm:
         """The guest-physical address vCPU ``vcpu`` would reach at guest-virtual ``address``."""
         return self._native.translate(vcpu, address)
 
+    def sample_rip(self, on: bool = True) -> None:
+        """Turns guest RIP sampling on (or off): while it is on, every vCPU's instruction
+        pointer is sampled every 10 ms of wall time, CPU-bound stretches with no exits
+        included. Samples add up across runs until :meth:`clear_rip_samples`."""
+        self._native.sample_rip(on)
+
+    def rip_samples(self) -> Dict[int, int]:
+        """The samples so far: ``{rip: count}``, every vCPU merged."""
+        return self._native.rip_samples()
+
+    def clear_rip_samples(self) -> None:
+        self._native.clear_rip_samples()
+
+    def profile(self, symbol_map: Union[str, "os.PathLike[str]"], top: Optional[int] = None) -> List[Tuple[str, int]]:
+        """The RIP samples by kernel function, the busiest first: ``[(function, samples)]``,
+        at most ``top`` of them. ``symbol_map`` is the path of the kernel's ``System.map`` (or
+        a copy of the guest's ``/proc/kallsyms``). Samples no symbol covers count as
+        ``"[user]"`` (lower-half addresses) or ``"[unknown]"``."""
+        with open(symbol_map, encoding="utf-8", errors="replace") as text:
+            ranked = self._native.profile(text.read())
+        return ranked if top is None else ranked[:top]
+
     def exit_timeline(self) -> List[Tuple[float, Dict[str, int]]]:
         """Cumulative exits by reason over time: ``[(seconds since the first start, {reason:
         count})]``, sampled every 1 to 50 ms and at the end of each run."""

@@ -23,6 +23,7 @@ use crate::hooks::{Event, EventKind, HookError, Hooks, Trigger};
 use crate::memory::GuestRam;
 use crate::outcome::{ExitReason, Outcome};
 use crate::paging;
+use crate::profile::RipSampler;
 use crate::stats::ExitStats;
 use crate::{Error, Result};
 
@@ -63,6 +64,8 @@ pub struct VcpuEnv<'a> {
     pub stats: &'a Mutex<ExitStats>,
     /// Finish SYSCALLs the host's KVM leaves in user mode (`syscall_fixup`).
     pub syscall_fixup: bool,
+    /// Takes the guest RIP at each kick while sampling is on.
+    pub rip_sampler: &'a RipSampler,
 }
 
 pub struct Vcpu {
@@ -267,6 +270,11 @@ impl Vcpu {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     vcpu.fd.set_kvm_immediate_exit(0);
                     lock(env.stats).count_exit("kick");
+                    if env.rip_sampler.is_on() {
+                        if let Ok(regs) = vcpu.fd.get_regs() {
+                            env.rip_sampler.record(regs.rip);
+                        }
+                    }
                     let request = env.status.probe_request.load(Ordering::Acquire);
                     if request != env.status.probe_answer.load(Ordering::Relaxed) {
                         let was_parked = env.status.parked.load(Ordering::Acquire);

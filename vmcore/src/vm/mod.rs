@@ -36,6 +36,7 @@ use crate::hooks::{Event, EventKind, HookFn, HookId, Hooks, Trigger};
 use crate::memory::{GuestRam, MMIO_HOLE_START};
 use crate::outcome::{ExitReason, Outcome};
 use crate::paging;
+use crate::profile::{RipSampler, SymbolMap};
 use crate::stats::ExitStats;
 use crate::{Error, Result};
 
@@ -186,6 +187,7 @@ impl VmBuilder {
             run: Mutex::new(RunState { phase: Phase::Empty, has_run: false, end: None, alive: 0 }),
             msr_exits: Mutex::new(false),
             timeline: Mutex::new(Timeline::default()),
+            rip_sampler: RipSampler::default(),
             precise_mode: self.precise_mode,
             code: Mutex::new(Vec::new()),
             sites: RwLock::new(Sites::default()),
@@ -267,6 +269,7 @@ pub(crate) struct Machine {
     changed: Condvar,
     /// Finish guest SYSCALLs the host leaves in user mode (it needs LSTAR writes to exit).
     syscall_fixup: bool,
+    rip_sampler: RipSampler,
 }
 
 impl Machine {
@@ -1007,6 +1010,27 @@ impl Vm {
     /// sampled every 1 to 50 ms and at the end of each run.
     pub fn exit_timeline(&self) -> Vec<(f64, BTreeMap<&'static str, u64>)> {
         lock(&self.machine.timeline).samples.iter().map(|(t, c)| (t.as_secs_f64(), c.clone())).collect()
+    }
+
+    /// Turns guest RIP sampling on or off (see [`crate::profile`]); samples add up across
+    /// runs until [`Vm::clear_rip_samples`].
+    pub fn sample_rip(&self, on: bool) {
+        self.machine.rip_sampler.set(on);
+    }
+
+    /// Guest RIP sample counts so far, every vCPU merged.
+    pub fn rip_samples(&self) -> BTreeMap<u64, u64> {
+        self.machine.rip_sampler.samples()
+    }
+
+    pub fn clear_rip_samples(&self) {
+        self.machine.rip_sampler.clear();
+    }
+
+    /// The RIP samples so far by kernel function, the busiest first, named from the
+    /// `System.map` or `/proc/kallsyms` text in `symbol_map`.
+    pub fn profile(&self, symbol_map: &str) -> Result<Vec<(String, u64)>> {
+        Ok(SymbolMap::parse(symbol_map)?.attribute(&self.rip_samples()))
     }
 
     /// Exit counters of every vCPU, merged.

@@ -12,6 +12,8 @@ use crate::outcome::{ExitReason, Outcome};
 
 const FIRST_SLICE: Duration = Duration::from_millis(1);
 const LONGEST_SLICE: Duration = Duration::from_millis(50);
+/// The longest slice while guest RIPs are sampled (each kick takes one sample per vCPU).
+const SAMPLING_SLICE: Duration = Duration::from_millis(10);
 /// How often vCPU threads are kicked again while a run is ending (belt and braces: the first
 /// kick already sets `immediate_exit`).
 const REKICK: Duration = Duration::from_millis(10);
@@ -72,7 +74,8 @@ pub(super) fn supervise(machine: Arc<Machine>, vcpus: Vec<Option<JoinHandle<()>>
             status.probe_request.store(probe_generation, Ordering::Release);
         }
         kick_all(&vcpus);
-        slice = if parked_rounds > 0 { FIRST_SLICE } else { (slice * 2).min(LONGEST_SLICE) };
+        let longest = if machine.rip_sampler.is_on() { SAMPLING_SLICE } else { LONGEST_SLICE };
+        slice = if parked_rounds > 0 { FIRST_SLICE } else { (slice * 2).min(longest) };
     }
     // The last vCPU thread out has published the outcome (a panic included, through `Alive`);
     // what is left is to reap the threads.
@@ -149,6 +152,7 @@ fn vcpu_thread(machine: &Machine, index: usize) {
         status: &machine.status[index],
         stats: &machine.stats[index],
         syscall_fixup: machine.syscall_fixup,
+        rip_sampler: &machine.rip_sampler,
     };
     if let Some(outcome) = Vcpu::run(&machine.vcpus[index], &env) {
         machine.request_end(outcome);
