@@ -49,6 +49,15 @@ def test_run_an_elf_kernel_to_its_halt(guests):
     assert "vmcore: halted" in out.stderr
 
 
+def test_profile_names_where_the_guest_spent_its_time(guests, tmp_path):
+    symbols = tmp_path / "System.map"
+    symbols.write_text("0000000000000000 D data\n0000000000100000 T spin_guest\n")
+    out = vmcore("run", "--kernel", str(guests.path("spin.bin")), "--flat", "long", "--timeout", "0.5", "--profile", str(symbols))
+    assert out.returncode == 124, out.stderr
+    assert re.search(r"vmcore: \d+ RIP samples", out.stderr), out.stderr
+    assert re.search(r"(?m)^100\.00% +\d+ spin_guest$", out.stderr), out.stderr
+
+
 def test_exit_statuses_follow_qemu_and_timeout(guests):
     out = vmcore("run", "--kernel", str(guests.path("debug-exit.bin")), "--flat", "long")
     assert out.returncode == (0x31 << 1) | 1, out.stderr

@@ -36,7 +36,7 @@ EXIT_USAGE = 64
 EXIT_BAD_IMAGE = 65
 EXIT_NO_KVM = 69
 
-CONFIG_KEYS = ("kernel", "initrd", "append", "memory", "cpus", "console", "timeout", "flat", "load_address", "disk")
+CONFIG_KEYS = ("kernel", "initrd", "append", "memory", "cpus", "console", "timeout", "flat", "load_address", "disk", "profile")
 
 
 def exit_status(outcome: Outcome) -> int:
@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=None, help="end the run after this many seconds")
     run.add_argument("--flat", choices=["real", "protected", "long"], default=None, help="load a flat binary in this mode")
     run.add_argument("--load-address", type=lambda s: int(s, 0), default=None, help="where a flat binary goes")
+    run.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="SYSTEM_MAP",
+        help="sample the guest's RIP every 10 ms and print the busiest functions of this symbol map at the end",
+    )
     sub.add_parser("info", help="what this host's KVM offers and what that means for guests")
     return parser
 
@@ -201,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
             tty.setraw(pty_pair[1])
             name = os.ttyname(pty_pair[1])
             print(f"vmcore: console on {name} (attach with: cu -l {name}  or  screen {name})", file=sys.stderr, flush=True)
+        if s.get("profile"):
+            vm.sample_rip()
         vm.start(timeout=s.get("timeout"))
         if pty_pair is not None:
             _pump_pty(vm, pty_pair[0])
@@ -212,7 +221,20 @@ def run(args: argparse.Namespace) -> int:
             outcome = vm.stop()
         assert outcome is not None
         print(f"vmcore: {outcome}", file=sys.stderr)
+        if s.get("profile"):
+            _print_profile(vm, Path(s["profile"]))
         return exit_status(outcome)
+
+
+PROFILE_LINES = 25
+
+
+def _print_profile(vm: Vm, symbol_map: Path) -> None:
+    ranked = vm.profile(symbol_map)
+    total = sum(samples for _, samples in ranked)
+    print(f"vmcore: {total} RIP samples; the busiest functions:", file=sys.stderr)
+    for function, samples in ranked[:PROFILE_LINES]:
+        print(f"{100 * samples / total:6.2f}% {samples:8} {function}", file=sys.stderr)
 
 
 def info() -> int:
