@@ -16,7 +16,9 @@ Fixtures:
     console shows the ready pattern (``vmcore: init reached``, which the initramfs from
     ``scripts/linux-guest`` prints). Configure it with ``@pytest.mark.linux(vcpus=2,
     memory="256M", cmdline="console=ttyS0", ready=..., boot_timeout=1800)``; ``ready=None``
-    returns as soon as the kernel starts. The kernel and initrd come from the environment
+    returns as soon as the kernel starts; ``setup=callable`` is called with the VM before the
+    kernel is loaded, to add devices or hooks (virtio devices must exist before boot). The
+    kernel and initrd come from the environment
     (``VMCORE_LINUX_KERNEL``, ``VMCORE_LINUX_INITRD``), the ini options ``vmcore_linux_kernel``
     and ``vmcore_linux_initrd``, or ``target/linux/vmlinuz`` and
     ``target/linux/initramfs.cpio`` under the rootdir; the test is skipped, saying where it
@@ -55,7 +57,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm(**kwargs): arguments for the vm fixture's vmcore.Vm")
     config.addinivalue_line(
-        "markers", "linux(**kwargs): vcpus, memory, cmdline, ready, boot_timeout for the linux_vm fixture"
+        "markers", "linux(**kwargs): vcpus, memory, cmdline, ready, boot_timeout, setup for the linux_vm fixture"
     )
     config.addinivalue_line("markers", "slow: a test that boots something big (deselect with -m 'not slow')")
 
@@ -105,7 +107,7 @@ def linux_guest_path(config: pytest.Config, what: str) -> Path:
 def linux_vm(request: pytest.FixtureRequest, vm_factory: Callable[..., vmcore.Vm]) -> vmcore.Vm:
     marker = request.node.get_closest_marker("linux")
     options = dict(marker.kwargs) if marker else {}
-    unknown = set(options) - {"vcpus", "memory", "cmdline", "ready", "boot_timeout"}
+    unknown = set(options) - {"vcpus", "memory", "cmdline", "ready", "boot_timeout", "setup"}
     if unknown:
         raise pytest.UsageError(f"unknown linux marker arguments: {sorted(unknown)}")
     kernel = linux_guest_path(request.config, "kernel")
@@ -117,6 +119,9 @@ def linux_vm(request: pytest.FixtureRequest, vm_factory: Callable[..., vmcore.Vm
                 f"VMCORE_LINUX_{what.upper()}"
             )
     machine = vm_factory(memory=options.get("memory", "256M"), vcpus=options.get("vcpus", 1))
+    setup: Optional[Callable[[vmcore.Vm], Any]] = options.get("setup")
+    if setup is not None:
+        setup(machine)
     machine.load_linux(kernel, initrd, options.get("cmdline", "console=ttyS0"))
     machine.start()
     ready: Optional[str] = options.get("ready", LINUX_READY)
