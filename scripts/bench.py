@@ -15,7 +15,7 @@ handling and in emulating instructions this host's KVM could not.
 
 disk: sequential write and read throughput of a 64 MiB virtio-blk disk, measured with busybox
 dd (O_DIRECT, 1 MiB blocks, timed with busybox time) inside Linux, under vmcore (virtio-mmio) and under QEMU with TCG
-(virtio-blk on PCI, cache=none), on images of the same size in the same run.
+(virtio-blk on PCI, cache=none), on the same image file, one after the other in the same run.
 
 hooks: the cost of one port exit handled by vmcore in Rust (no hook), by a Python hook and
 by a Lua hook, against the raw loop; the cost per instruction of precise single-step mode
@@ -324,12 +324,12 @@ def disk(as_json: bool) -> int:
         print("no Linux guest in target/linux: run scripts/linux-guest", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory() as tmp:
-        ours_image, qemu_image = Path(tmp) / "vmcore.img", Path(tmp) / "qemu.img"
-        for image in (ours_image, qemu_image):
-            image.write_bytes(bytes(64 << 20))
-        ours = vmcore_dd(ours_image, qemu_linux.MARKER)
+        # One image for both, one after the other: the same file on the same host file system.
+        image = Path(tmp) / "disk.img"
+        image.write_bytes(bytes(64 << 20))
+        ours = vmcore_dd(image, qemu_linux.MARKER)
         commands = ["modprobe virtio_pci && modprobe virtio_blk && sleep 1", *DD_COMMANDS]
-        booted = qemu_linux.boot("tcg", smp=1, memory="256M", commands=commands, timeout=600, disks=[qemu_image])
+        booted = qemu_linux.boot("tcg", smp=1, memory="256M", commands=commands, timeout=600, disks=[image])
         theirs = dd_rates("\n".join(booted.outputs))
     if len(ours) != 2 or len(theirs) != 2:
         print(f"dd did not report twice: vmcore {ours}, QEMU {theirs}", file=sys.stderr)
