@@ -44,8 +44,10 @@ impl RipSampler {
     }
 }
 
-/// Where a sample that no function symbol covers is counted.
-pub const USER_MODE: &str = "[user]";
+/// Where a sample that no function symbol covers is counted: the lower half of the address
+/// space (user mode, or code running at physical addresses: early boot, or a vCPU still waiting
+/// at its reset vector for the kernel to start it), or anywhere else.
+pub const LOWER_HALF: &str = "[lower half]";
 pub const UNKNOWN: &str = "[unknown]";
 
 /// Function symbols of a kernel, by address.
@@ -98,13 +100,13 @@ impl SymbolMap {
     }
 
     /// Sample counts by function, the busiest first (ties by name). Samples in the lower half
-    /// of the address space count as [`USER_MODE`], others no symbol covers as [`UNKNOWN`].
+    /// of the address space count as [`LOWER_HALF`], others no symbol covers as [`UNKNOWN`].
     pub fn attribute(&self, samples: &BTreeMap<u64, u64>) -> Vec<(String, u64)> {
         let mut by_function: HashMap<&str, u64> = HashMap::new();
         for (&rip, &count) in samples {
             let name = match self.function_at(rip) {
                 Some(name) => name,
-                None if rip < 1 << 47 => USER_MODE,
+                None if rip < 1 << 47 => LOWER_HALF,
                 None => UNKNOWN,
             };
             *by_function.entry(name).or_default() += count;
@@ -150,8 +152,8 @@ ffffffff81004000 T memset [some_module]
             vec![
                 ("do_one_initcall".to_string(), 5),
                 ("memset".to_string(), 5),
+                (LOWER_HALF.to_string(), 1),
                 (UNKNOWN.to_string(), 1),
-                (USER_MODE.to_string(), 1),
             ]
         );
     }

@@ -502,7 +502,8 @@ class Vm:
         ``"linux64"`` insist on one. With ``adapt_to_host`` (the default), parameters that keep
         the kernel off instructions this host's KVM cannot run in kernel mode, and off boot work
         that takes minutes where kernel code is emulated, are appended (on kvm_pvm hosts
-        ``noxsave clearcpuid=137,141,308`` and an ``initcall_blacklist=``; nothing on
+        ``noxsave clearcpuid=137,141,308``, an ``initcall_blacklist=`` and
+        ``cryptomgr.notests=1``; nothing on
         VT-x/AMD-V; see ``docs/host.md``); the final command line is in the result's
         ``cmdline``. The memory map, ACPI tables and command line are what a PC
         firmware and boot loader would hand over. Raises :class:`~vmcore.LoadError` for a file
@@ -778,7 +779,8 @@ class Vm:
         """The RIP samples by kernel function, the busiest first: ``[(function, samples)]``,
         at most ``top`` of them. ``symbol_map`` is the path of the kernel's ``System.map`` (or
         a copy of the guest's ``/proc/kallsyms``). Samples no symbol covers count as
-        ``"[user]"`` (lower-half addresses) or ``"[unknown]"``."""
+        ``"[lower half]"`` (user mode, or code at physical addresses: early boot, a vCPU not
+        started yet) or ``"[unknown]"``."""
         with open(symbol_map, encoding="utf-8", errors="replace") as text:
             ranked = self._native.profile(text.read())
         return ranked if top is None else ranked[:top]
