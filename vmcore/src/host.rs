@@ -40,10 +40,13 @@ pub fn kvm_flavour() -> &'static str {
 /// kallsyms (ten minutes here, for weak functions nobody traces in a test VM), the creation of
 /// the tracing file system's files (two minutes; /sys/kernel/tracing stays empty) and the
 /// loading of the kernel's built-in X.509 certificates (a minute, ending in a timeout; unsigned
-/// modules still load, with a taint). `adapt_to_host=False` boots without any of this.
+/// modules still load, with a taint). `cryptomgr.notests=1` skips the crypto API's self-tests
+/// of each algorithm it registers: their RSA and DH big-number arithmetic (`mpihelp_*`) was a
+/// third of the busy vCPU time of a boot, by RIP sampling. `adapt_to_host=False` boots without
+/// any of this.
 pub fn linux_cmdline_adaptations() -> &'static str {
     if kvm_flavour() == "kvm_pvm" {
-        "noxsave clearcpuid=137,141,308 initcall_blacklist=ftrace_check_for_weak_functions,tracer_init_tracefs,load_system_certificate_list"
+        "noxsave clearcpuid=137,141,308 initcall_blacklist=ftrace_check_for_weak_functions,tracer_init_tracefs,load_system_certificate_list cryptomgr.notests=1"
     } else {
         ""
     }
