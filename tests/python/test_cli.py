@@ -124,6 +124,7 @@ def test_pty_console_can_be_attached_to_and_typed_into(guests):
     proc = subprocess.Popen(
         VMCORE + ["run", "--kernel", str(guests.path("echo.bin")), "--flat", "long", "--console", "pty", "--timeout", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
     try:
         line = proc.stderr.readline()
@@ -139,7 +140,14 @@ def test_pty_console_can_be_attached_to_and_typed_into(guests):
         finally:
             os.close(fd)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 130
+        try:
+            status = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            # Hung: SIGABRT makes faulthandler print every thread's stack for the report.
+            proc.send_signal(signal.SIGABRT)
+            _, stderr = proc.communicate(timeout=20)
+            pytest.fail(f"vmcore run did not end within 20 s of SIGINT; its stacks:\n{stderr}")
+        assert status == 130, proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()

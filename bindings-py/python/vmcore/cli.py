@@ -210,12 +210,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"vmcore: console on {name} (attach with: cu -l {name}  or  screen {name})", file=sys.stderr, flush=True)
         if s.get("profile"):
             vm.sample_rip()
-        vm.start(timeout=s.get("timeout"))
-        if pty_pair is not None:
-            _pump_pty(vm, pty_pair[0])
-        elif sys.stdin is not None and not sys.stdin.closed:
-            _pump_stdin(vm)
+        # ^C anywhere from the start on ends the run as "stopped" (exit status 130).
         try:
+            vm.start(timeout=s.get("timeout"))
+            if pty_pair is not None:
+                _pump_pty(vm, pty_pair[0])
+            elif sys.stdin is not None and not sys.stdin.closed:
+                _pump_stdin(vm)
             outcome = vm.wait()
         except KeyboardInterrupt:
             outcome = vm.stop()
