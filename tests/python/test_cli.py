@@ -125,6 +125,9 @@ def test_pty_console_can_be_attached_to_and_typed_into(guests):
         VMCORE + ["run", "--kernel", str(guests.path("echo.bin")), "--flat", "long", "--console", "pty", "--timeout", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
         env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        # A shell's background job (a CI runner's, say) starts with SIGINT ignored, and Python
+        # then installs no ^C handler: give the CLI the disposition an interactive user's has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = proc.stderr.readline()
