@@ -346,7 +346,7 @@ def disk(as_json: bool) -> int:
     print(f"disk: busybox dd of {DD_MIB} MiB in 1 MiB O_DIRECT blocks inside Linux, 64 MiB raw image")
     print(f"  {'':8}{'vmcore':>14}{'QEMU TCG':>14}{'ratio':>9}")
     for i, what in enumerate(("write", "read")):
-        print(f"  {what:8}{ours[i]:>9.1f} MiB/s{theirs[i]:>9.1f} MiB/s{ours[i] / theirs[i]:>8.2f}x")
+        print(f"  {what:8}{ours[i]:>9.1f} MiB/s{theirs[i]:>9.1f} MiB/s{ours[i] / theirs[i]:>8.3f}x")
     print("  (QEMU with KVM cannot boot this kernel on this host; see scripts/bench linux)")
     return 0
 
