@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import vmcore
+from vmcore.cli import profile_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 LINUX = ROOT / "target" / "linux"
@@ -81,8 +82,7 @@ def main() -> int:
         profile = vm.profile(symbols)
     total = sum(count for _, count in profile)
     print(f"[profile-linux] {args.until!r} after {seconds:.1f} s; {total} RIP samples on {args.cpus} vCPUs")
-    for function, count in profile[: args.top]:
-        print(f"{100 * count / total:6.2f}% {count:7} {function}")
+    print("\n".join(profile_lines(profile, args.top)))
     return 0
 
 

@@ -232,10 +232,16 @@ PROFILE_LINES = 25
 
 def _print_profile(vm: Vm, symbol_map: Path) -> None:
     ranked = vm.profile(symbol_map)
+    print(f"vmcore: {sum(n for _, n in ranked)} RIP samples; the busiest functions:", file=sys.stderr)
+    for line in profile_lines(ranked, PROFILE_LINES):
+        print(line, file=sys.stderr)
+
+
+def profile_lines(ranked: List[Tuple[str, int]], top: int) -> List[str]:
+    """The busiest ``top`` functions of a ``Vm.profile`` result, a line each: their share of all
+    the samples, their sample count and their name."""
     total = sum(samples for _, samples in ranked)
-    print(f"vmcore: {total} RIP samples; the busiest functions:", file=sys.stderr)
-    for function, samples in ranked[:PROFILE_LINES]:
-        print(f"{100 * samples / total:6.2f}% {samples:8} {function}", file=sys.stderr)
+    return [f"{100 * samples / total:6.2f}% {samples:8} {function}" for function, samples in ranked[:top]]
 
 
 def info() -> int:
