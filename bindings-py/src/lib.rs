@@ -555,19 +555,6 @@ impl NativeVm {
     }
 }
 
-/// Whether a real-mode int3 reaches vmcore on this host (site-trap mode needs it for 16-bit
-/// code); probed once per process.
-#[pyfunction]
-fn real_mode_int3_traps(py: Python<'_>) -> bool {
-    py.detach(vmcore::host::real_mode_int3_traps)
-}
-
-/// Whether this host's KVM runs guests with 32-bit (non-long-mode) paging; probed once.
-#[pyfunction]
-fn paging32_works(py: Python<'_>) -> bool {
-    py.detach(vmcore::host::paging32_works)
-}
-
 /// What kind of kernel image `data` is: "multiboot", "elf", "linux-bzimage", "linux-vmlinux" or
 /// "unknown".
 #[pyfunction]
@@ -575,21 +562,22 @@ fn image_kind(data: &[u8]) -> &'static str {
     vmcore::boot::ImageKind::detect(data).as_str()
 }
 
-/// Facts about this host's KVM: flavour, API version, capabilities, probe results.
+/// Facts about this host's KVM: flavour, API version, capabilities, and its quirks as vmcore
+/// probed them (once per process).
 #[pyfunction]
 fn host_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let (caps, int3, paging32, syscalls) = py.detach(|| {
-        use vmcore::host;
-        (host::capabilities(), host::real_mode_int3_traps(), host::paging32_works(), host::user_syscalls_work())
-    });
+    let (caps, quirks) = py.detach(|| (vmcore::host::capabilities(), vmcore::host::quirks()));
     let d = PyDict::new(py);
-    d.set_item("flavour", vmcore::host::kvm_flavour())?;
+    d.set_item("flavour", quirks.flavour())?;
     d.set_item("api_version", vmcore::host::api_version())?;
     d.set_item("capabilities", caps.into_iter().collect::<std::collections::BTreeMap<_, _>>())?;
-    d.set_item("real_mode_int3_traps", int3)?;
-    d.set_item("paging32_works", paging32)?;
-    d.set_item("user_syscalls_work", syscalls)?;
-    d.set_item("linux_cmdline_adaptations", vmcore::host::linux_cmdline_adaptations())?;
+    d.set_item("kernel_code_emulated", quirks.kernel_code_emulated())?;
+    d.set_item("real_mode_int3_traps", quirks.real_mode_int3_traps())?;
+    d.set_item("paging32_works", quirks.paging32_works())?;
+    d.set_item("user_syscalls_work", quirks.user_syscalls_work())?;
+    d.set_item("fallback_instructions", quirks.fallback_instructions().to_vec())?;
+    d.set_item("x87_control_round_trip", quirks.x87_control_round_trip())?;
+    d.set_item("linux_cmdline_adaptations", quirks.linux_cmdline_adaptations())?;
     Ok(d)
 }
 
@@ -616,8 +604,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeVm>()?;
     m.add_class::<hooks::HookEvent>()?;
     m.add_function(wrap_pyfunction!(parse_memory_size, m)?)?;
-    m.add_function(wrap_pyfunction!(real_mode_int3_traps, m)?)?;
-    m.add_function(wrap_pyfunction!(paging32_works, m)?)?;
     m.add_function(wrap_pyfunction!(host_info, m)?)?;
     m.add_function(wrap_pyfunction!(image_kind, m)?)?;
     m.add_function(wrap_pyfunction!(refresh_logging, m)?)?;

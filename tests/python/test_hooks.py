@@ -61,7 +61,7 @@ def test_site_trap_mode_and_real_mode_code(vm_factory, guests):
     vm = vm_factory(precise="trap")
     vm.load_flat(guests.bytes("hello-real.bin"), address=0x10000, mode="real")
     hook = vm.on_cpuid(0x40000100, precise=True)
-    if vmcore._native.real_mode_int3_traps():
+    if vmcore.host_info()["real_mode_int3_traps"]:
         hook(lambda ev: None)
         assert vm.run(timeout=5).reason == "halted"
     else:

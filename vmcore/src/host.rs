@@ -1,5 +1,6 @@
-//! Facts about this host's KVM that vmcore needs to decide how to do something, found by
-//! probing once per process with a throwaway VM, and a summary for `vmcore info`.
+//! What this host's KVM does differently from the architecture (or from VT-x/AMD-V), found
+//! once per process by running small throwaway guests, and asked everywhere through one value:
+//! [`quirks`]. Nothing else in vmcore, or in its bindings and tests, compares flavour names.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -7,48 +8,133 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_guest_debug, kvm_userspace_memory_region, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_SW_BP};
 use kvm_ioctls::{Kvm, VcpuExit};
 
-/// Whether an `int3` executed in real mode reaches vmcore (as a #BP debug exit with
-/// KVM_GUESTDBG_USE_SW_BP, or an emulation failure) instead of going through the guest's
-/// interrupt vector table. True on VT-x/AMD-V; false where KVM's emulator runs real mode
-/// itself. Site-trap mode needs it for 16-bit code.
-pub fn real_mode_int3_traps() -> bool {
-    static ANSWER: OnceLock<bool> = OnceLock::new();
-    *ANSWER.get_or_init(|| probe_real_mode_int3().unwrap_or(false))
-}
-
 /// Which KVM module serves /dev/kvm (loaded or built in, as /sys/module shows): `kvm_intel`
 /// (VT-x), `kvm_amd` (AMD-V), `kvm_pvm` (software: guest kernel code runs in KVM's
 /// instruction emulator), or `unknown`.
-pub fn kvm_flavour() -> &'static str {
+fn kvm_flavour() -> &'static str {
     ["kvm_pvm", "kvm_intel", "kvm_amd"]
         .into_iter()
         .find(|m| std::path::Path::new("/sys/module").join(m).exists())
         .unwrap_or("unknown")
 }
 
-/// Linux command-line parameters that keep a guest kernel off instructions this host's KVM
-/// cannot run in kernel mode and vmcore does not emulate, and off boot work that takes minutes
-/// where kernel code is emulated; empty where KVM runs guest code on VT-x/AMD-V.
-///
-/// On kvm_pvm, KVM's emulator runs kernel code and fails on SIMD instructions beyond plain SSE
-/// moves, and on a few others vmcore then emulates at some 20 µs each. `noxsave` keeps Linux's
-/// AVX and AVX-512 paths off (and makes its context switches use FXSAVE, which KVM runs,
-/// instead of XSAVES); `clearcpuid=` takes away SSSE3 (137: its RNG's BLAKE2s would run SSSE3
-/// code), CX16 (141: SLUB would use CMPXCHG16B on every allocation) and SMAP (308: STAC/CLAC
-/// around every user-memory access). Userspace still sees and uses every feature: it runs
-/// natively. `initcall_blacklist=` skips ftrace's check of its 40,000 call sites against
-/// kallsyms (ten minutes here, for weak functions nobody traces in a test VM), the creation of
-/// the tracing file system's files (two minutes; /sys/kernel/tracing stays empty) and the
-/// loading of the kernel's built-in X.509 certificates (a minute, ending in a timeout; unsigned
-/// modules still load, with a taint). `cryptomgr.notests=1` skips the crypto API's self-tests
-/// of each algorithm it registers: their RSA and DH big-number arithmetic (`mpihelp_*`) was a
-/// third of the busy vCPU time of a boot, by RIP sampling. `adapt_to_host=False` boots without
-/// any of this.
-pub fn linux_cmdline_adaptations() -> &'static str {
-    if kvm_flavour() == "kvm_pvm" {
-        "noxsave clearcpuid=137,141,308 initcall_blacklist=ftrace_check_for_weak_functions,tracer_init_tracefs,load_system_certificate_list cryptomgr.notests=1"
-    } else {
-        ""
+/// The host's KVM, as probed: see [`quirks`]. Each fact is probed the first time it is asked
+/// for, once per process, with a throwaway guest of a few milliseconds.
+#[derive(Debug, Default)]
+pub struct HostQuirks {
+    user_syscalls_work: OnceLock<bool>,
+    paging32_works: OnceLock<bool>,
+    real_mode_int3_traps: OnceLock<bool>,
+    fallback: OnceLock<FallbackProbe>,
+}
+
+/// What the emulation-fallback probe found.
+#[derive(Debug)]
+struct FallbackProbe {
+    instructions: Vec<&'static str>,
+    x87_control_round_trip: bool,
+}
+
+/// This host's quirks. Without /dev/kvm every probe answers as hardware-assisted KVM would.
+/// A probe builds its VM with SYSCALL completion set explicitly, so that building one never
+/// asks for a quirk still being probed.
+pub fn quirks() -> &'static HostQuirks {
+    static QUIRKS: OnceLock<HostQuirks> = OnceLock::new();
+    QUIRKS.get_or_init(HostQuirks::default)
+}
+
+impl HostQuirks {
+    /// Which KVM module serves /dev/kvm, for reports; decide nothing on it.
+    pub fn flavour(&self) -> &'static str {
+        kvm_flavour()
+    }
+
+    /// Whether guest kernel code runs through KVM's instruction emulator (a software KVM such
+    /// as kvm_pvm) rather than natively.
+    pub fn kernel_code_emulated(&self) -> bool {
+        self.flavour() == "kvm_pvm"
+    }
+
+    /// Whether a SYSCALL at guest CPL3 enters the guest's LSTAR handler at CPL0, as the
+    /// architecture says. kvm_pvm jumps to LSTAR but leaves the guest in user mode, so a
+    /// Linux guest's processes would die at their first system call.
+    pub fn user_syscalls_work(&self) -> bool {
+        *self.user_syscalls_work.get_or_init(|| probe_user_syscall().unwrap_or(true))
+    }
+
+    /// Whether vmcore must finish guest SYSCALLs itself (`cpu::syscall_fixup`): the default
+    /// of [`crate::VmBuilder::syscall_fixup`]. It intercepts LSTAR writes, so such VMs carry an
+    /// MSR filter from the start.
+    pub fn syscall_completion_needed(&self) -> bool {
+        !self.user_syscalls_work()
+    }
+
+    /// Whether the host can run a guest with 32-bit (non-long-mode) paging enabled. Some
+    /// software KVMs end such a guest with a shutdown at the write that enables paging.
+    pub fn paging32_works(&self) -> bool {
+        *self.paging32_works.get_or_init(|| probe_paging32().unwrap_or(false))
+    }
+
+    /// Whether an `int3` executed in real mode reaches vmcore (as a #BP debug exit with
+    /// KVM_GUESTDBG_USE_SW_BP, or an emulation failure) instead of going through the guest's
+    /// interrupt vector table. True on VT-x/AMD-V; false where KVM's emulator runs real mode
+    /// itself. Site-trap mode needs it for 16-bit code.
+    pub fn real_mode_int3_traps(&self) -> bool {
+        *self.real_mode_int3_traps.get_or_init(|| probe_real_mode_int3().unwrap_or(false))
+    }
+
+    fn fallback(&self) -> &FallbackProbe {
+        self.fallback.get_or_init(|| {
+            probe_fallback().unwrap_or(FallbackProbe { instructions: Vec::new(), x87_control_round_trip: true })
+        })
+    }
+
+    /// The instructions (by their `stats()["emulated"]` names) that this host's KVM gives up on
+    /// at CPL0 and vmcore's emulation fallback performs instead, as the probe guest found
+    /// them. Empty where guest code runs natively. `rdpid` is not probed.
+    pub fn fallback_instructions(&self) -> &[&'static str] {
+        &self.fallback().instructions
+    }
+
+    /// Whether vmcore's fallback performs `name` on this host (see [`Self::fallback_instructions`]).
+    pub fn fallback_emulates(&self, name: &str) -> bool {
+        self.fallback_instructions().contains(&name)
+    }
+
+    /// Whether a control word loaded with `fldcw` reads back with `fnstcw`, whichever side
+    /// emulates each. False means the host's KVM and the fallback keep the x87 state in
+    /// different places, and guests compute with the wrong control word.
+    pub fn x87_control_round_trip(&self) -> bool {
+        self.fallback().x87_control_round_trip
+    }
+
+    /// Linux command-line parameters that keep a guest kernel off instructions this host's
+    /// KVM cannot run in kernel mode and vmcore does not emulate, and off boot work that
+    /// takes minutes where kernel code is emulated; empty where KVM runs guest code natively.
+    ///
+    /// Where KVM's emulator runs kernel code it fails on SIMD instructions beyond plain SSE
+    /// moves, and on a few others vmcore then emulates at some 20 µs each. `noxsave` keeps
+    /// Linux's AVX and AVX-512 paths off (and makes its context switches use FXSAVE, which KVM
+    /// runs, instead of XSAVES); `clearcpuid=` takes away SSSE3 (137: its RNG's BLAKE2s would
+    /// run SSSE3 code), CX16 (141: SLUB would use CMPXCHG16B on every allocation) and SMAP
+    /// (308: STAC/CLAC around every user-memory access). Userspace still sees and uses every
+    /// feature: it runs natively. `initcall_blacklist=` skips ftrace's check of its 40,000
+    /// call sites against kallsyms (ten minutes here, for weak functions nobody traces in a
+    /// test VM), the creation of the tracing file system's files (two minutes;
+    /// /sys/kernel/tracing stays empty) and the loading of the kernel's built-in X.509
+    /// certificates (a minute, ending in a timeout; unsigned modules still load, with a
+    /// taint). `cryptomgr.notests=1` skips the crypto API's self-tests of each algorithm it
+    /// registers: their RSA and DH big-number arithmetic (`mpihelp_*`) was a third of the busy
+    /// vCPU time of a boot, by RIP sampling. `nosoftlockup` quiets the soft-lockup watchdog,
+    /// which misfires where kernel code runs a thousand times slower (writable-mapping check
+    /// at boot: 22 s without a schedule point) and prints `BUG:` lines that read as a crash.
+    /// `adapt_to_host=False` boots without any of this.
+    pub fn linux_cmdline_adaptations(&self) -> &'static str {
+        if self.kernel_code_emulated() {
+            "noxsave clearcpuid=137,141,308 initcall_blacklist=ftrace_check_for_weak_functions,tracer_init_tracefs,load_system_certificate_list cryptomgr.notests=1 nosoftlockup"
+        } else {
+            ""
+        }
     }
 }
 
@@ -79,20 +165,83 @@ pub fn api_version() -> Option<i32> {
     Kvm::new().ok().map(|k| k.get_api_version())
 }
 
-/// Whether this host's KVM can run a guest with 32-bit (non-long-mode) paging enabled. Some
-/// software KVMs end such a guest with a shutdown at the write that enables paging.
-pub fn paging32_works() -> bool {
-    static ANSWER: OnceLock<bool> = OnceLock::new();
-    *ANSWER.get_or_init(|| probe_paging32().unwrap_or(false))
-}
-
-/// Whether a SYSCALL at guest CPL3 enters the guest's LSTAR handler at CPL0, as the
-/// architecture says. kvm_pvm jumps to LSTAR but leaves the guest in user mode, so a Linux
-/// guest's processes would die at their first system call; vmcore then completes the
-/// transition itself (`cpu::syscall_fixup`).
-pub fn user_syscalls_work() -> bool {
-    static ANSWER: OnceLock<bool> = OnceLock::new();
-    *ANSWER.get_or_init(|| probe_user_syscall().unwrap_or(true))
+/// Runs, at CPL0 in long mode, one of each instruction the emulation fallback knows (but
+/// `rdpid`, which needs a CPUID bit kvm_pvm does not offer), and reads `stats()["emulated"]`:
+/// whatever KVM performed itself is not counted. Also whether the control word `fldcw` loads
+/// reads back with `fnstcw` (on kvm_pvm the fallback does the first and KVM the second).
+/// Instructions a host's CPU may lack (`xsavec`, `xsaves`, `xrstors`) come last: they end the
+/// probe early with a shutdown, and what ran before still counts.
+fn probe_fallback() -> Option<FallbackProbe> {
+    const CODE: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    #[rustfmt::skip]
+    let code = [
+        0x48, 0x8D, 0x05, 0x15, 0x01, 0x00, 0x00,                   // leaq 0x115(%rip),%rax
+        0x66, 0x89, 0x04, 0x25, 0x30, 0x10, 0x20, 0x00,             // movw %ax,0x201030
+        0x66, 0x8C, 0xCA,                                           // movw %cs,%dx
+        0x66, 0x89, 0x14, 0x25, 0x32, 0x10, 0x20, 0x00,             // movw %dx,0x201032
+        0x66, 0xC7, 0x04, 0x25, 0x34, 0x10, 0x20, 0x00, 0x00, 0x8E, // movw $0x8e00,0x201034
+        0x48, 0xC1, 0xE8, 0x10,                                     // shrq $0x10,%rax
+        0x66, 0x89, 0x04, 0x25, 0x36, 0x10, 0x20, 0x00,             // movw %ax,0x201036
+        0x48, 0xC1, 0xE8, 0x10,                                     // shrq $0x10,%rax
+        0x89, 0x04, 0x25, 0x38, 0x10, 0x20, 0x00,                   // movl %eax,0x201038
+        0x48, 0x8B, 0x04, 0x25, 0x30, 0x10, 0x20, 0x00,             // movq 0x201030,%rax
+        0x48, 0x89, 0x04, 0x25, 0x10, 0x10, 0x20, 0x00,             // movq %rax,0x201010
+        0x48, 0x8B, 0x04, 0x25, 0x38, 0x10, 0x20, 0x00,             // movq 0x201038,%rax
+        0x48, 0x89, 0x04, 0x25, 0x18, 0x10, 0x20, 0x00,             // movq %rax,0x201018
+        0x0F, 0x01, 0x1D, 0xBC, 0x00, 0x00, 0x00,                   // lidt 0xbc(%rip)
+        0xCC,                                                       // int3
+        0xCD, 0x03,                                                 // int $0x3
+        0xF1,                                                       // int1
+        0xDB, 0xE3,                                                 // fninit
+        0x66, 0xC7, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00, 0x7F, 0x02, // movw $0x27f,0x200000
+        0xD9, 0x2C, 0x25, 0x00, 0x00, 0x20, 0x00,                   // fldcw 0x200000
+        0xD9, 0x3C, 0x25, 0x02, 0x00, 0x20, 0x00,                   // fnstcw 0x200002
+        0xDD, 0x3C, 0x25, 0x04, 0x00, 0x20, 0x00,                   // fnstsw 0x200004
+        0xDF, 0xE0,                                                 // fnstsw %ax
+        0x9B,                                                       // fwait
+        0x90,                                                       // nop
+        0xDB, 0xE2,                                                 // fnclex
+        0x0F, 0x77,                                                 // emms
+        0x0F, 0xAE, 0x1C, 0x25, 0x08, 0x00, 0x20, 0x00,             // stmxcsr 0x200008
+        0x0F, 0xAE, 0x14, 0x25, 0x08, 0x00, 0x20, 0x00,             // ldmxcsr 0x200008
+        0xF3, 0x48, 0x0F, 0xB8, 0xD8,                               // popcntq %rax,%rbx
+        0x31, 0xC0,                                                 // xorl %eax,%eax
+        0x31, 0xD2,                                                 // xorl %edx,%edx
+        0x0F, 0xC7, 0x0C, 0x25, 0x10, 0x00, 0x20, 0x00,             // cmpxchg8b 0x200010
+        0x48, 0x0F, 0xC7, 0x0C, 0x25, 0x20, 0x00, 0x20, 0x00,       // cmpxchg16b 0x200020
+        0x0F, 0x20, 0xE0,                                           // movq %cr4,%rax
+        0x0D, 0x00, 0x00, 0x04, 0x00,                               // orl $0x40000,%eax
+        0x0F, 0x22, 0xE0,                                           // movq %rax,%cr4
+        0x31, 0xC9,                                                 // xorl %ecx,%ecx
+        0x0F, 0x01, 0xD0,                                           // xgetbv
+        0xB8, 0x03, 0x00, 0x00, 0x00,                               // movl $0x3,%eax
+        0x31, 0xD2,                                                 // xorl %edx,%edx
+        0x0F, 0x01, 0xD1,                                           // xsetbv
+        0xB8, 0x03, 0x00, 0x00, 0x00,                               // movl $0x3,%eax
+        0x0F, 0xAE, 0x24, 0x25, 0x00, 0x04, 0x20, 0x00,             // xsave 0x200400
+        0x0F, 0xAE, 0x34, 0x25, 0x00, 0x04, 0x20, 0x00,             // xsaveopt 0x200400
+        0x0F, 0xAE, 0x2C, 0x25, 0x00, 0x04, 0x20, 0x00,             // xrstor 0x200400
+        0x0F, 0x01, 0xCB,                                           // stac
+        0x0F, 0x01, 0xCA,                                           // clac
+        0x0F, 0x01, 0xF9,                                           // rdtscp
+        0xB8, 0x03, 0x00, 0x00, 0x00,                               // movl $0x3,%eax
+        0x31, 0xD2,                                                 // xorl %edx,%edx
+        0x0F, 0xC7, 0x24, 0x25, 0x00, 0x08, 0x20, 0x00,             // xsavec 0x200800
+        0x0F, 0xC7, 0x2C, 0x25, 0x00, 0x0C, 0x20, 0x00,             // xsaves 0x200c00
+        0x0F, 0xC7, 0x1C, 0x25, 0x00, 0x0C, 0x20, 0x00,             // xrstors 0x200c00
+        0xB0, 0x10,                                                 // movb $0x10,%al
+        0xE6, 0xF4,                                                 // outb %al,$0xf4
+        0x48, 0xCF,                                                 // iretq
+        0x3F, 0x00,                                                 // idtr: limit (vectors 0-3),
+        0x00, 0x10, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00,             //   base 0x201000
+    ];
+    let vm = crate::VmBuilder::new().memory(4 << 20).syscall_fixup(false).build().ok()?;
+    vm.load_flat(&code, CODE, crate::CpuMode::Long).ok()?;
+    vm.run(Some(Duration::from_secs(2))).ok()?;
+    let instructions = vm.stats().emulated.into_keys().collect();
+    let control_word = vm.read_phys(DATA + 2, 2).ok()?;
+    Some(FallbackProbe { instructions, x87_control_round_trip: control_word == [0x7F, 0x02] })
 }
 
 /// Drops to CPL3 (a GDT with user segments, the first 2 MiB made user-accessible) and runs
@@ -153,7 +302,7 @@ fn probe_paging32() -> Option<bool> {
         0x0F, 0x22, 0xC0,             // mov %eax,%cr0
         0xE6, 0xF4,                   // out %al,$0xf4
     ];
-    let vm = crate::VmBuilder::new().memory(8 << 20).build().ok()?;
+    let vm = crate::VmBuilder::new().memory(8 << 20).syscall_fixup(false).build().ok()?;
     vm.load_flat(&code, CODE, crate::CpuMode::Protected).ok()?;
     vm.write_phys(PAGE_DIRECTORY, &0x83u32.to_le_bytes()).ok()?; // 0-4 MiB: present, writable, 4 MiB page
     let outcome = vm.run(Some(Duration::from_secs(2))).ok()?;

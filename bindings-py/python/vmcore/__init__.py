@@ -28,6 +28,7 @@ from ._errors import (
     VmIOError,
     VmStateError,
 )
+from ._host import HostInfo, host_info
 from ._native import __version__, parse_memory_size, refresh_logging
 from ._vm import (
     REGISTER_NAMES,
@@ -64,6 +65,8 @@ __all__ = [
     "REGISTER_NAMES",
     "parse_memory_size",
     "refresh_logging",
+    "host_info",
+    "HostInfo",
     "VmError",
     "KvmUnavailableError",
     "KvmError",

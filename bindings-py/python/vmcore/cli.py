@@ -19,8 +19,8 @@ import tty
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import _native
 from ._errors import ConfigError, KvmUnavailableError, LoadError, VmError
+from ._host import host_info
 from ._vm import Outcome, Vm
 
 #: Exit statuses of ``vmcore run`` (debug-exit gives QEMU's ``(code << 1) | 1``, as with
@@ -245,18 +245,15 @@ def profile_lines(ranked: List[Tuple[str, int]], top: int) -> List[str]:
 
 
 def info() -> int:
-    facts = _native.host_info()
+    facts = host_info()
     if facts["api_version"] is None:
         print("KVM: /dev/kvm cannot be opened here; vmcore cannot run guests")
         return EXIT_NO_KVM
-    flavour = facts["flavour"]
-    meaning = {
-        "kvm_intel": "hardware-assisted (VT-x): guests run natively",
-        "kvm_amd": "hardware-assisted (AMD-V): guests run natively",
-        "kvm_pvm": "software (PVM): guest kernel code runs through KVM's instruction emulator, "
-        "about 0.6 us an instruction; user code runs natively",
-    }.get(flavour, "unknown flavour")
-    print(f"KVM: {flavour}, API version {facts['api_version']}: {meaning}")
+    if facts["kernel_code_emulated"]:
+        meaning = "software: guest kernel code runs through KVM's instruction emulator, about 1 us an instruction; user code runs natively"
+    else:
+        meaning = "hardware-assisted: guests run natively"
+    print(f"KVM: {facts['flavour']}, API version {facts['api_version']}: {meaning}")
     print("capabilities vmcore uses:")
     for name, present in sorted(facts["capabilities"].items()):
         print(f"  {name:28} {'yes' if present else 'NO'}")
@@ -270,6 +267,13 @@ def info() -> int:
         "  SYSCALL from guest user mode: "
         + ("works" if facts["user_syscalls_work"] else "left in user mode by KVM; vmcore completes each one (see docs/host.md)")
     )
+    fallback = facts["fallback_instructions"]
+    print(
+        "  instructions KVM gives up on at CPL0, emulated by vmcore: "
+        + (" ".join(fallback) if fallback else "none (KVM runs every probed instruction)")
+    )
+    if not facts["x87_control_round_trip"]:
+        print("  WARNING: a control word loaded with fldcw does not read back with fnstcw; guest x87 code computes wrongly here")
     adaptations = facts["linux_cmdline_adaptations"]
     print(f"  Linux kernels get: {adaptations or '(nothing added)'}")
     return 0

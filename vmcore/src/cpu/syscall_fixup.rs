@@ -1,7 +1,7 @@
 //! Completing SYSCALLs that a host's KVM leaves half done.
 //!
 //! On kvm_pvm a SYSCALL at guest CPL3 loads RCX and R11 and jumps to LSTAR, but the guest stays
-//! in user mode ([`crate::host::user_syscalls_work`]). Its first fetch at LSTAR then faults
+//! in user mode ([`crate::host::HostQuirks::user_syscalls_work`]). Its first fetch at LSTAR then faults
 //! (the kernel's pages are not user pages) and the #PF goes through the guest's IDT at CPL0.
 //! vmcore puts a hardware breakpoint on the guest's #PF entry; when the frame there shows a
 //! user-mode fault at RIP == LSTAR, it discards the frame and does the rest of SYSCALL itself:

@@ -5,9 +5,12 @@
 //! kicks vCPU threads out of KVM_RUN when the run must end (see `cpu::kick`). The first vCPU
 //! or caller to ask for an end decides the [`Outcome`].
 
+mod msr_filter;
+mod reaper;
 mod supervisor;
 
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -16,10 +19,9 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_enable_cap, kvm_pit_config, CpuId, KVM_CAP_EXIT_ON_EMULATION_FAILURE,
-    KVM_CAP_X86_USER_SPACE_MSR, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_INVAL,
-    KVM_MSR_EXIT_REASON_UNKNOWN, KVM_MSR_FILTER_MAX_RANGES, KVM_PIT_SPEAKER_DUMMY,
+    KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{IoEventAddress, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 
 use crate::boot::{self, bios, CodeRange, CpuMode, EntryPoint, LinuxKernel, LinuxOptions, LinuxProtocol, LoadedImage, Module};
 use crate::console::{Console, Tee};
@@ -33,6 +35,7 @@ use crate::devices::virtio::net::{Net, NetOptions, NetPort};
 use crate::devices::virtio::{self, VirtioDevice, VirtioInfo, VirtioMmio, Worker};
 use crate::devices::{acpi, lock, DebugExit, IoBus, MmioBus, IrqLine, SerialPort, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
 use crate::hooks::{Event, EventKind, HookFn, HookId, Hooks, Trigger};
+use msr_filter::MsrFilter;
 use crate::memory::{GuestRam, MMIO_HOLE_START};
 use crate::outcome::{ExitReason, Outcome};
 use crate::paging;
@@ -137,6 +140,11 @@ impl VmBuilder {
             return Err(Error::Config(format!("this host's KVM allows at most {host_max} vCPUs, asked for {}", self.vcpus)));
         }
         let vm_fd = kvm.create_vm().map_err(Error::kvm("CREATE_VM"))?;
+        let syscall_fixup = self.syscall_fixup.unwrap_or_else(|| crate::host::quirks().syscall_completion_needed());
+        // Before the first memory slot, where setting it costs microseconds, not milliseconds
+        // (see msr_filter).
+        let mut msr_filter = MsrFilter::default();
+        msr_filter.apply(&vm_fd, msr_filter::wanted(syscall_fixup, &[]))?;
         let ram = GuestRam::new(self.memory)?;
         ram.register(&vm_fd)?;
         vm_fd.set_tss_address(KVM_TSS_ADDRESS).map_err(Error::kvm("SET_TSS_ADDR"))?;
@@ -185,7 +193,7 @@ impl VmBuilder {
             ram,
             stop: AtomicBool::new(false),
             run: Mutex::new(RunState { phase: Phase::Empty, has_run: false, end: None, alive: 0 }),
-            msr_exits: Mutex::new(false),
+            msr_filter: Mutex::new(msr_filter),
             timeline: Mutex::new(Timeline::default()),
             rip_sampler: RipSampler::default(),
             precise_mode: self.precise_mode,
@@ -193,7 +201,7 @@ impl VmBuilder {
             sites: RwLock::new(Sites::default()),
             cpuid_ignored: Mutex::new(Vec::new()),
             changed: Condvar::new(),
-            syscall_fixup: self.syscall_fixup.unwrap_or_else(|| !crate::host::user_syscalls_work()),
+            syscall_fixup,
         };
         log::debug!(
             "built a VM: {} MiB, {} vCPU(s), precise mode {:?}, SYSCALL completion {}",
@@ -202,9 +210,7 @@ impl VmBuilder {
             self.precise_mode,
             if machine.syscall_fixup { "on (this host's KVM leaves SYSCALLs in user mode)" } else { "off" }
         );
-        let vm = Vm { machine: Arc::new(machine), supervisor: Mutex::new(None) };
-        vm.arm_msr_exits()?;
-        Ok(vm)
+        Ok(Vm { machine: Arc::new(machine), supervisor: Mutex::new(None) })
     }
 }
 
@@ -257,8 +263,8 @@ pub(crate) struct Machine {
     /// Tells vCPU loops to return; set with `run.end`.
     stop: AtomicBool,
     timeline: Mutex<Timeline>,
-    /// Whether RDMSR/WRMSR exits to userspace are enabled (on the first MSR hook).
-    msr_exits: Mutex<bool>,
+    /// Which MSR accesses exit to vmcore.
+    msr_filter: Mutex<MsrFilter>,
     /// CPUID entries static hooks set that KVM did not keep.
     cpuid_ignored: Mutex<Vec<CpuidIgnored>>,
     precise_mode: PreciseMode,
@@ -270,6 +276,12 @@ pub(crate) struct Machine {
     /// Finish guest SYSCALLs the host leaves in user mode (it needs LSTAR writes to exit).
     syscall_fixup: bool,
     rip_sampler: RipSampler,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        reaper::retire(self.vm_fd.as_raw_fd());
+    }
 }
 
 impl Machine {
@@ -619,7 +631,7 @@ impl Vm {
         };
         let code = lock(&self.machine.code).clone();
         let any_wanted = triggers.iter().any(|t| matches!(t, Trigger::Cpuid { precise: true, .. } | Trigger::Cr { .. }));
-        if any_wanted && code.iter().any(|c| c.bitness == 16) && !crate::host::real_mode_int3_traps() {
+        if any_wanted && code.iter().any(|c| c.bitness == 16) && !crate::host::quirks().real_mode_int3_traps() {
             return Err(Error::Config(
                 "site-trap mode cannot trap real-mode code on this host: its KVM runs a real-mode int3 through \
                  the guest's interrupt vector table without exiting; use precise mode \"step\""
@@ -891,48 +903,10 @@ impl Vm {
         }
     }
 
-    /// Keeps KVM's MSR filter equal to the hooked MSRs. The first MSR hook also enables
-    /// RDMSR/WRMSR exits for filtered, unknown and invalid MSRs (which then #GP as before
-    /// unless a hook supplies a value).
+    /// Keeps KVM's MSR filter equal to what needs it: the hooked MSRs and SYSCALL completion.
     fn arm_msr_exits(&self) -> Result<()> {
-        let mut wanted: Vec<(u32, bool, bool)> = Vec::new();
-        if self.machine.syscall_fixup {
-            wanted.push((crate::cpu::syscall_fixup::MSR_LSTAR, false, true));
-        }
-        for t in self.machine.hooks.triggers() {
-            if let Trigger::Msr { index, reads, writes } = t {
-                match wanted.iter_mut().find(|w| w.0 == index) {
-                    Some(w) => (w.1, w.2) = (w.1 || reads, w.2 || writes),
-                    None => wanted.push((index, reads, writes)),
-                }
-            }
-        }
-        let mut enabled = lock(&self.machine.msr_exits);
-        if wanted.is_empty() && !*enabled {
-            return Ok(());
-        }
-        if wanted.len() > KVM_MSR_FILTER_MAX_RANGES as usize {
-            return Err(Error::Config(format!("at most {KVM_MSR_FILTER_MAX_RANGES} MSRs can be hooked")));
-        }
-        let vm = &self.machine.vm_fd;
-        if !*enabled {
-            log::debug!("enabling user-space MSR exits for hooks");
-            let reasons = KVM_MSR_EXIT_REASON_FILTER | KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_INVAL;
-            let cap = kvm_enable_cap { cap: KVM_CAP_X86_USER_SPACE_MSR, args: [reasons.into(), 0, 0, 0], ..Default::default() };
-            vm.enable_cap(&cap).map_err(Error::kvm("ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
-            *enabled = true;
-        }
-        let deny = [0u8];
-        let ranges: Vec<MsrFilterRange> = wanted
-            .iter()
-            .map(|&(index, reads, writes)| {
-                let mut flags = MsrFilterRangeFlags::empty();
-                flags.set(MsrFilterRangeFlags::READ, reads);
-                flags.set(MsrFilterRangeFlags::WRITE, writes);
-                MsrFilterRange { flags, base: index, msr_count: 1, bitmap: &deny }
-            })
-            .collect();
-        vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges).map_err(Error::kvm("X86_SET_MSR_FILTER"))
+        let wanted = msr_filter::wanted(self.machine.syscall_fixup, &self.machine.hooks.triggers());
+        lock(&self.machine.msr_filter).apply(&self.machine.vm_fd, wanted)
     }
 
     /// Asks the static CPUID hooks for every entry they cover, per vCPU, gives KVM the table,

@@ -105,7 +105,7 @@ pub struct LinuxOptions<'a> {
     /// Decompress a bzImage on the host and enter the kernel proper (the default); otherwise
     /// the guest runs the bzImage's own decompressor.
     pub decompress_on_host: bool,
-    /// Append [`crate::host::linux_cmdline_adaptations`] to the command line (the default).
+    /// Append [`crate::host::HostQuirks::linux_cmdline_adaptations`] to the command line (the default).
     pub adapt_to_host: bool,
 }
 
@@ -186,7 +186,7 @@ pub fn load_linux(
     let limit = header
         .as_ref()
         .map_or(CMDLINE_LIMIT, BzHeader::cmdline_size);
-    let text = with_adaptations(opts.cmdline, opts.adapt_to_host.then(crate::host::linux_cmdline_adaptations));
+    let text = with_adaptations(opts.cmdline, opts.adapt_to_host.then(|| crate::host::quirks().linux_cmdline_adaptations()));
     let cmdline = command_line(&text, limit).map_err(&fail)?;
     let protocol =
         match (opts.protocol, placed.pvh_entry) {
