@@ -300,21 +300,28 @@ fn site_trap_mode_answers_precise_hooks_without_single_stepping() {
     assert_eq!(vm.planted_sites(), 0);
 }
 
-/// Ports syscall.bin reports on: the CPL its SYSCALL handler runs at, and a page fault's RIP.
+/// The first port syscall.bin and syscall-state.bin report on: the CPL their SYSCALL handler runs at.
 const SYSCALL_CPL_PORT: u16 = 0x99;
-const SYSCALL_FAULT_PORT: u16 = 0x9a;
+/// The last of the ports they report on: 0x9a a page fault's RIP; in syscall-state.bin 0x9b
+/// the round a user check failed in and 0x9c the value it saw.
+const SYSCALL_VALUE_PORT: u16 = 0x9c;
 
 fn syscall_guest(fixup: Option<bool>) -> (vmcore::Outcome, Vec<u64>, Vm) {
+    run_syscall_guest("syscall.bin", fixup)
+}
+
+/// Runs a guest that reports on ports 0x99..=0x9c; returns its outcome and what it reported.
+fn run_syscall_guest(image: &str, fixup: Option<bool>) -> (vmcore::Outcome, Vec<u64>, Vm) {
     let mut builder = Vm::builder().memory(16 << 20);
     if let Some(on) = fixup {
         builder = builder.syscall_fixup(on);
     }
     let vm = builder.build().unwrap();
-    vm.load_flat(&guest("syscall.bin"), 0x100000, CpuMode::Long).unwrap();
+    vm.load_flat(&guest(image), 0x100000, CpuMode::Long).unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
     vm.add_hook(
-        Trigger::Io { first: SYSCALL_CPL_PORT, last: SYSCALL_FAULT_PORT, reads: false, writes: true },
+        Trigger::Io { first: SYSCALL_CPL_PORT, last: SYSCALL_VALUE_PORT, reads: false, writes: true },
         Arc::new(move |ev: &mut Event| {
             s.lock().unwrap().push(ev.value.unwrap_or(u64::MAX));
             Ok(())
@@ -337,7 +344,7 @@ fn system_calls_from_user_mode_reach_the_kernel_at_cpl0() {
     assert_eq!((outcome.reason, outcome.code), (ExitReason::DebugExit, Some(0x10)), "{outcome}; ports {cpls:x?}");
     assert_eq!(cpls, [0, 0, 0]);
     let completed = vm.stats().emulated.get("syscall").copied().unwrap_or(0);
-    if vmcore::host::user_syscalls_work() {
+    if vmcore::host::quirks().user_syscalls_work() {
         assert_eq!(completed, 0, "nothing to complete where KVM does SYSCALL itself");
     } else {
         assert_eq!(completed, 3);
@@ -347,4 +354,20 @@ fn system_calls_from_user_mode_reach_the_kernel_at_cpl0() {
         assert_eq!((outcome.reason, outcome.code), (ExitReason::DebugExit, Some(0x51)), "{outcome}");
         assert_eq!(seen.len(), 1, "{seen:x?}");
     }
+}
+
+#[test]
+fn user_state_survives_system_calls() {
+    if !kvm() {
+        return;
+    }
+    // 200 SYSCALL/SYSRET round trips whose kernel side saves, scribbles on and restores the
+    // x87/SSE state and switches FS base between two TLS blocks (as Linux's context switches
+    // do). After each, user mode checks %fs:0, XMM0, its x87 control word and MXCSR: a failed
+    // check N ends the run with 0x20 + N and reports the round and the value it saw.
+    let (outcome, seen, vm) = run_syscall_guest("syscall-state.bin", None);
+    assert_eq!((outcome.reason, outcome.code), (ExitReason::DebugExit, Some(0x10)), "{outcome}; ports {seen:x?}");
+    assert_eq!(seen, [0], "the handler ran at CPL0");
+    let completed = vm.stats().emulated.get("syscall").copied().unwrap_or(0);
+    assert_eq!(completed, if vmcore::host::quirks().user_syscalls_work() { 0 } else { 201 });
 }
