@@ -5,8 +5,8 @@ Everything is written straight into the archive, so no root privileges are neede
 such as /dev/console exist only as archive entries owned by uid/gid 0, never on the host. The
 archive holds a static busybox with a symlink per applet, the init script as /init, and, with
 ``--modules``, the named kernel modules with everything they depend on (from the module tree's
-modules.dep), decompressed so that busybox's insmod/modprobe can load them, and a modules.dep
-for busybox's modprobe.
+modules.dep), decompressed so that busybox's insmod/modprobe can load them and stripped of their
+signatures (see strip_signature), and a modules.dep for busybox's modprobe.
 
     build_initramfs.py -o initramfs.cpio.gz --busybox root/bin/busybox --init tests/linux/init \\
         --module-dir root/lib/modules/6.1.0-56-cloud-amd64 --modules virtio_pci,virtio_blk
@@ -24,6 +24,7 @@ import os
 import posixpath
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -258,6 +259,30 @@ def decompress_module(path: Path) -> bytes:
     return data
 
 
+MODULE_SIGNATURE_MARKER = b"~Module signature appended~\n"
+MODULE_SIGNATURE_INFO = struct.Struct(">BBBBB3xI")  # algo, hash, id_type, signer_len, key_id_len, sig_len
+
+
+def strip_signature(module: bytes) -> bytes:
+    """A kernel module without the signature Debian appends (the module proper, then the
+    PKCS#7 signature, a struct module_signature and the marker string). The guest's kernel has
+    no key to check it with, yet it still hashes the whole module with SHA-256 first: where
+    guest kernel code runs in KVM's instruction emulator that took 20-50 s a module (the boot
+    log's soft-lockup reports sat in pkcs7_digest). Unsigned, a module loads at once and taints
+    the kernel, as a signed one with an unknown key already did."""
+    if not module.endswith(MODULE_SIGNATURE_MARKER):
+        return module
+    end = len(module) - len(MODULE_SIGNATURE_MARKER)
+    info_start = end - MODULE_SIGNATURE_INFO.size
+    if info_start < 0:
+        raise ValueError("a module signature marker without its signature information")
+    _, _, _, signer_len, key_id_len, sig_len = MODULE_SIGNATURE_INFO.unpack_from(module, info_start)
+    start = info_start - sig_len - signer_len - key_id_len
+    if start < 0:
+        raise ValueError(f"a module signature of {sig_len} bytes in a {len(module)}-byte module")
+    return module[:start]
+
+
 def add_modules(cpio: CpioWriter, module_dir: Path, version: str, names: Sequence[str]) -> List[str]:
     """Copies the named modules and their dependencies into lib/modules/<version>/, with a
     modules.dep for busybox modprobe. Returns the archive paths in load order."""
@@ -270,7 +295,7 @@ def add_modules(cpio: CpioWriter, module_dir: Path, version: str, names: Sequenc
     lines = []
     for path in order:
         target = uncompressed_path(path)
-        cpio.file(f"{base}/{target}", decompress_module(module_dir / path))
+        cpio.file(f"{base}/{target}", strip_signature(decompress_module(module_dir / path)))
         needs = [uncompressed_path(p) for p in closure(deps, path, order)]
         lines.append(f"{target}: {' '.join(needs)}".rstrip())
     cpio.file(f"{base}/modules.dep", ("\n".join(lines) + "\n").encode() if lines else b"")

@@ -181,6 +181,29 @@ def test_modules_are_decompressed_with_a_modules_dep_for_busybox(tmp_path):
     assert m[base + "modules.builtin"].data.startswith(b"kernel/drivers/tty")
 
 
+def signed(module: bytes, signature: bytes) -> bytes:
+    """`module` with a signature appended the way the kernel's sign-file appends one."""
+    info = bi.MODULE_SIGNATURE_INFO.pack(0, 0, 2, 0, 0, len(signature))  # id_type 2: PKCS#7
+    return module + signature + info + bi.MODULE_SIGNATURE_MARKER
+
+
+def test_module_signatures_are_stripped():
+    body = b"\x7fELF module body ending in ~Module"
+    assert bi.strip_signature(signed(body, b"\x30\x82" + bytes(300))) == body
+    assert bi.strip_signature(body) == body, "an unsigned module stays as it is"
+    with pytest.raises(ValueError, match="signature of 9999 bytes"):
+        bi.strip_signature(bytes(10) + bi.MODULE_SIGNATURE_INFO.pack(0, 0, 2, 0, 0, 9999) + bi.MODULE_SIGNATURE_MARKER)
+
+
+def test_modules_go_into_the_image_unsigned(tmp_path):
+    tree = fake_tree(tmp_path, FULL)
+    path = tree / "kernel/drivers/virtio/virtio.ko.xz"
+    path.write_bytes(lzma.compress(signed(b"module virtio", b"\x30" * 64)))
+    cpio = bi.CpioWriter()
+    bi.add_modules(cpio, tree, "6.9.0-test", ["virtio"])
+    assert members(cpio.to_bytes())["lib/modules/6.9.0-test/kernel/drivers/virtio/virtio.ko"].data == b"module virtio"
+
+
 def test_a_whole_image_from_a_fake_busybox(tmp_path):
     busybox = tmp_path / "busybox"
     busybox.write_text("#!/bin/sh\nprintf 'bin/busybox\\nbin/sh\\nsbin/modprobe\\nusr/bin/setsid\\nlinuxrc\\n'\n")
@@ -225,6 +248,8 @@ def test_the_init_script_prints_the_marker_and_powers_off():
     init = (REPO / "tests" / "linux" / "init").read_text()
     assert init.startswith("#!/bin/sh\n")
     assert 'echo "vmcore: init reached"' in init
+    # The readiness line comes after the modules are loaded, right before the shell.
+    assert init.index("modprobe") < init.index('echo "vmcore: ready"') < init.index("setsid cttyhack sh")
     assert "setsid cttyhack sh" in init and "poweroff -f" in init
 
 
@@ -244,3 +269,4 @@ def test_the_published_guest():
     dep = bi.parse_modules_dep(m[base + "modules.dep"].data.decode())
     assert dep and all(base + path in m for path in dep)
     assert all(base + d in m for deps in dep.values() for d in deps)
+    assert not [path for path in dep if m[base + path].data.endswith(bi.MODULE_SIGNATURE_MARKER)], "signed modules"

@@ -13,8 +13,10 @@ Fixtures:
 
 ``linux_vm``
     A :class:`vmcore.Vm` that has booted a Linux kernel with its initrd to the point where the
-    console shows the ready pattern (``vmcore: init reached``, which the initramfs from
-    ``scripts/linux-guest`` prints). Configure it with ``@pytest.mark.linux(vcpus=2,
+    console shows the ready pattern (``vmcore: ready``, which the init of the initramfs from
+    ``scripts/linux-guest`` prints once the modules the command line names are loaded, right
+    before its shell starts: nothing typed earlier is lost, but until then the kernel may be
+    busy for minutes where its code is emulated). Configure it with ``@pytest.mark.linux(vcpus=2,
     memory="256M", cmdline="console=ttyS0", ready=..., boot_timeout=1800)``; ``ready=None``
     returns as soon as the kernel starts; ``setup=callable`` is called with the VM before the
     kernel is loaded, to add devices or hooks (virtio devices must exist before boot). The
@@ -43,8 +45,10 @@ def kvm_available() -> bool:
     return os.access(KVM_DEVICE, os.R_OK | os.W_OK)
 
 
-LINUX_READY = "vmcore: init reached"
-"""What the initramfs built by ``scripts/linux-guest`` prints when its init starts."""
+LINUX_READY = "vmcore: ready"
+"""What the init of the initramfs built by ``scripts/linux-guest`` prints when its shell is about
+to start: after the modules named by ``vmcore.modules=`` are loaded (and the root is switched to
+a disk where ``vmcore.root=`` says so)."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
