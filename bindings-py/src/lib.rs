@@ -189,7 +189,8 @@ impl NativeVm {
         let tee = tee.map(|p| Tee::parse(&p.to_string_lossy()));
         let precise = precise.parse().py_err(py)?;
         let builder = VmBuilder::new().memory(bytes).vcpus(vcpus).tee(tee).precise_mode(precise);
-        let vm = builder.build().py_err(py)?;
+        // Building may probe the host with a VM whose threads log through Python.
+        let vm = py.detach(move || builder.build()).py_err(py)?;
         Ok(NativeVm { vm: Mutex::new(Some(Arc::new(vm))) })
     }
 
@@ -257,7 +258,11 @@ impl NativeVm {
         adapt_to_host: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         let protocol = protocol.parse().py_err(py)?;
-        let k = self.get()?.load_linux(&kernel, initrd.as_deref(), cmdline, protocol, decompress, adapt_to_host).py_err(py)?;
+        let vm = self.get()?;
+        // The command-line adaptations may probe the host with a VM that logs through Python.
+        let k = py
+            .detach(|| vm.load_linux(&kernel, initrd.as_deref(), cmdline, protocol, decompress, adapt_to_host))
+            .py_err(py)?;
         let d = PyDict::new(py);
         d.set_item("format", k.format)?;
         d.set_item("version", k.version)?;
@@ -348,7 +353,9 @@ impl NativeVm {
     #[pyo3(signature = (timeout=None))]
     fn start(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
         let timeout = seconds(timeout, "timeout")?;
-        self.get()?.start(timeout).py_err(py)
+        let vm = self.get()?;
+        // Starting reaps the previous run's threads, which may be logging through Python.
+        py.detach(move || vm.start(timeout)).py_err(py)
     }
 
     #[pyo3(signature = (timeout=None))]
@@ -362,7 +369,8 @@ impl NativeVm {
     fn run<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyDict>> {
         let timeout = seconds(timeout, "timeout")?;
         let vm = self.get()?;
-        vm.start(timeout).py_err(py)?;
+        let starting = vm.clone();
+        py.detach(move || starting.start(timeout)).py_err(py)?;
         let outcome = Self::wait_interruptibly(py, &vm, None)?.expect("an unbounded wait returns an outcome");
         outcome_dict(py, &outcome, true)
     }
@@ -482,7 +490,10 @@ impl NativeVm {
     /// "breakpoint", "step", "hlt", "shutdown", "exit") with its parameters; returns its id.
     fn add_hook(&self, py: Python<'_>, kind: &str, params: &Bound<'_, PyDict>, callback: Py<PyAny>) -> PyResult<u64> {
         let trigger = hooks::trigger(kind, params)?;
-        let id = self.get()?.add_hook(trigger, hooks::callback(callback)).py_err(py)?;
+        let callback = hooks::callback(callback);
+        let vm = self.get()?;
+        // Site-trap mode may probe the host with a VM that logs through Python.
+        let id = py.detach(move || vm.add_hook(trigger, callback)).py_err(py)?;
         Ok(id.0)
     }
 
@@ -566,7 +577,13 @@ fn image_kind(data: &[u8]) -> &'static str {
 /// probed them (once per process).
 #[pyfunction]
 fn host_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let (caps, quirks) = py.detach(|| (vmcore::host::capabilities(), vmcore::host::quirks()));
+    // The probes run VMs whose vCPU threads may log through Python: the GIL stays free until
+    // every answer is in.
+    let (caps, quirks) = py.detach(|| {
+        let quirks = vmcore::host::quirks();
+        quirks.probe_all();
+        (vmcore::host::capabilities(), quirks)
+    });
     let d = PyDict::new(py);
     d.set_item("flavour", quirks.flavour())?;
     d.set_item("api_version", vmcore::host::api_version())?;

@@ -49,6 +49,15 @@ impl HostQuirks {
         kvm_flavour()
     }
 
+    /// Runs every probe not yet run. A binding whose logger needs a lock that its caller holds
+    /// (Python's GIL) calls this with the lock released: the probe VMs' threads may log.
+    pub fn probe_all(&self) {
+        self.user_syscalls_work();
+        self.paging32_works();
+        self.real_mode_int3_traps();
+        self.fallback();
+    }
+
     /// Whether guest kernel code runs through KVM's instruction emulator (a software KVM such
     /// as kvm_pvm) rather than natively.
     pub fn kernel_code_emulated(&self) -> bool {
