@@ -35,4 +35,4 @@ pub(crate) fn deadline(timeout: Option<Duration>) -> Option<Instant> {
 pub use error::{Error, Result};
 pub use outcome::{ExitReason, Outcome};
 pub use stats::ExitStats;
-pub use vm::{Vm, VmBuilder};
+pub use vm::{Vm, VmBuilder, VmState};

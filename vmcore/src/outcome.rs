@@ -19,6 +19,8 @@ pub enum ExitReason {
     Timeout,
     /// `stop()` was called.
     Stopped,
+    /// `pause()` was called: the guest is intact and `resume()` (or the next run) continues it.
+    Paused,
     /// KVM could not emulate an instruction; `rip` and `instruction` say which.
     EmulationFailure,
     /// KVM or vmcore failed in a way the guest did not ask for; `detail` says how.
@@ -43,6 +45,7 @@ impl ExitReason {
             ExitReason::DebugExit => "debug_exit",
             ExitReason::Timeout => "timeout",
             ExitReason::Stopped => "stopped",
+            ExitReason::Paused => "paused",
             ExitReason::EmulationFailure => "emulation_failure",
             ExitReason::InternalError => "internal_error",
             ExitReason::HookStop => "hook_stop",
@@ -54,7 +57,7 @@ impl ExitReason {
 
     /// Whether the VM may be started again after ending this way.
     pub fn is_resumable(self) -> bool {
-        matches!(self, ExitReason::Timeout | ExitReason::Stopped)
+        matches!(self, ExitReason::Timeout | ExitReason::Stopped | ExitReason::Paused)
     }
 }
 

@@ -189,6 +189,16 @@ impl Vcpu {
         self.set_registers(&RegisterFile { regs, sregs })
     }
 
+    /// Lets KVM finish what the last exit left pending (the register an I/O or MMIO read
+    /// fills), without entering the guest: KVM_RUN with `immediate_exit` set completes it and
+    /// returns EINTR. Registers read while the VM is paused or ended then show the
+    /// instruction done, and a later run does not depend on this thread's kvm_run.
+    pub fn complete_pending(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
     /// RIP at the last exit: from the synced registers when KVM provides them.
     fn exit_rip(&mut self) -> u64 {
         if self.fd.get_kvm_run().kvm_valid_regs & u64::from(KVM_SYNC_X86_REGS) != 0 {

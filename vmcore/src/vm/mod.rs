@@ -7,7 +7,11 @@
 
 mod msr_filter;
 mod reaper;
+mod state;
 mod supervisor;
+
+pub use state::{ServingHooks, VmState};
+use state::RunState;
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
@@ -192,7 +196,7 @@ impl VmBuilder {
             virtio: Mutex::new(Vec::new()),
             ram,
             stop: AtomicBool::new(false),
-            run: Mutex::new(RunState { phase: Phase::Empty, has_run: false, end: None, alive: 0 }),
+            run: Mutex::new(RunState::new()),
             msr_filter: Mutex::new(msr_filter),
             timeline: Mutex::new(Timeline::default()),
             rip_sampler: RipSampler::default(),
@@ -214,16 +218,6 @@ impl VmBuilder {
     }
 }
 
-#[derive(Clone, Debug)]
-enum Phase {
-    /// Nothing loaded yet.
-    Empty,
-    /// An image is loaded; not running.
-    Ready,
-    Running,
-    Ended(Outcome),
-}
-
 /// Samples of cumulative exits by reason, taken by the supervisor as it wakes (every 1 to
 /// 50 ms) and at the end of each run; times run on across runs.
 #[derive(Default)]
@@ -234,16 +228,6 @@ struct Timeline {
 }
 
 const MAX_TIMELINE_SAMPLES: usize = 4096;
-
-struct RunState {
-    phase: Phase,
-    /// Whether any vCPU has entered the guest (after which KVM refuses a new CPUID table).
-    has_run: bool,
-    /// The first request to end the current run.
-    end: Option<Outcome>,
-    /// vCPU threads of the current run that have not returned.
-    alive: usize,
-}
 
 /// Everything the VM's threads share. Field order is drop order: vCPUs and the VM fd close
 /// before guest RAM is unmapped.
@@ -314,7 +298,7 @@ impl Machine {
             self.changed.notify_all();
             return;
         }
-        let outcome = st.end.take().unwrap_or_else(|| Outcome::internal("the vCPU threads ended without a reason"));
+        let outcome = st.take_outcome();
         drop(st);
         // Logging may call into a binding (Python's logging takes the GIL), so it happens with
         // no lock held, and before the outcome is published, so whoever waits for the outcome
@@ -329,8 +313,31 @@ impl Machine {
                 c.set_live(false, &outcome.to_string());
             }
         }
-        lock(&self.run).phase = Phase::Ended(outcome);
+        lock(&self.run).finish_run(outcome);
         self.changed.notify_all();
+    }
+
+    /// Asks the current run to pause, unless it is already ending.
+    fn request_pause(&self) {
+        let mut st = lock(&self.run);
+        if !st.is_running() || st.end.is_some() {
+            return;
+        }
+        st.pause = true;
+        self.stop.store(true, Ordering::Release);
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// Identifies this machine to `ServingHooks`.
+    fn id(&self) -> usize {
+        self as *const Machine as usize
+    }
+
+    /// Whether the current thread is running one of this machine's hooks, where waiting for
+    /// the run would wait for itself.
+    fn serving_hooks_here(&self) -> bool {
+        ServingHooks::serving(self.id())
     }
 
     /// Ends the current run with `outcome` unless something else already ended it.
@@ -555,7 +562,7 @@ impl Vm {
     ) -> Result<VirtioInfo> {
         {
             let st = lock(&self.machine.run);
-            if st.has_run || matches!(st.phase, Phase::Running) {
+            if st.has_run || st.is_running() {
                 return Err(Error::State("virtio devices must be added before the VM first runs".into()));
             }
         }
@@ -602,7 +609,10 @@ impl Vm {
 
     fn load_with(&self, load: impl FnOnce(&GuestRam) -> Result<LoadedImage>) -> Result<EntryPoint> {
         let mut st = lock(&self.machine.run);
-        if matches!(st.phase, Phase::Running) {
+        if st.closed {
+            return Err(Error::State("the VM is closed".into()));
+        }
+        if st.is_running() {
             return Err(Error::State("cannot load an image while the VM is running".into()));
         }
         // The previous image's sites go back to what they were before new code lands.
@@ -611,7 +621,7 @@ impl Vm {
         lock(&self.machine.vcpus[0]).enter(&self.machine.ram, &image.entry)?;
         *lock(&self.machine.code) = image.code;
         self.plant_sites()?;
-        st.phase = Phase::Ready;
+        st.loaded();
         Ok(image.entry)
     }
 
@@ -652,48 +662,57 @@ impl Vm {
         self.machine.sites.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Starts the vCPUs and returns at once. With `timeout`, the run ends with outcome
-    /// `timeout` once that much time has passed.
+    /// Starts the vCPUs and returns at once: the first run of a loaded image, or the next run
+    /// of a VM that timed out, was stopped or was paused (the same guest continues). With
+    /// `timeout`, the run ends with outcome `timeout` once that much time has passed.
     pub fn start(&self, timeout: Option<Duration>) -> Result<()> {
-        // Held for the whole start, static CPUID hooks included; a hook starting its own VM
-        // gets an error rather than waiting for itself.
-        let mut supervisor = match self.supervisor.try_lock() {
-            Ok(guard) => guard,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Err(Error::State("the VM is being started".into())),
-        };
-        let mut st = lock(&self.machine.run);
-        match &st.phase {
-            Phase::Empty => return Err(Error::State("nothing to run: load an image first (load_flat or load_elf)".into())),
-            Phase::Running => return Err(Error::State("the VM is already running".into())),
-            Phase::Ended(o) if !o.reason.is_resumable() => {
-                return Err(Error::State(format!("the VM has ended ({o}); load a new image or create a new VM")));
+        self.launch(crate::deadline(timeout))
+    }
+
+    /// Continues a paused VM with what was left of its run's timeout.
+    pub fn resume(&self) -> Result<()> {
+        let remaining = {
+            let st = lock(&self.machine.run);
+            match st.state() {
+                VmState::Paused => st.remaining,
+                other => return Err(Error::State(format!("only a paused VM can resume; this one is {}", other.name()))),
             }
-            Phase::Ready | Phase::Ended(_) => {}
-        }
-        if let Some(previous) = supervisor.take() {
-            // It already published its outcome; this only reaps the thread.
+        };
+        self.launch(crate::deadline(remaining))
+    }
+
+    fn launch(&self, deadline: Option<Instant>) -> Result<()> {
+        let first_run = {
+            let mut st = lock(&self.machine.run);
+            if let Some(why) = st.refuse_start() {
+                return Err(Error::State(why));
+            }
+            st.starting = true;
+            !st.has_run
+        };
+        // Clears `starting` on every way out.
+        let _starting = Starting(&self.machine);
+        // The previous run's supervisor has published its outcome and is only reaping its
+        // threads; it takes the run lock to finish, so it is joined with no lock held.
+        let previous = lock(&self.supervisor).take();
+        if let Some(previous) = previous {
             let _ = previous.join();
         }
-        if !st.has_run {
-            // Static CPUID hooks shape the table, which KVM accepts only before the first run.
-            // They run with the run state unlocked, so they may look at their VM; `supervisor`
-            // stays locked, so nothing else starts the VM meanwhile.
-            drop(st);
+        if first_run {
+            // Static CPUID hooks shape the table, which KVM accepts only before the first
+            // run. They run with nothing locked, so they may look at their VM.
             self.apply_static_cpuid()?;
-            st = lock(&self.machine.run);
-            if !matches!(st.phase, Phase::Ready | Phase::Ended(_)) {
-                return Err(Error::State("the VM changed state while its CPUID table was built".into()));
-            }
-            st.has_run = true;
+        }
+        let mut st = lock(&self.machine.run);
+        st.starting = false;
+        if let Some(why) = st.refuse_start() {
+            return Err(Error::State(format!("{why} (it changed while the run was being prepared)")));
         }
         {
             let mut timeline = lock(&self.machine.timeline);
             timeline.offset = timeline.samples.last().map_or(Duration::ZERO, |(t, _)| *t);
         }
-        st.phase = Phase::Running;
-        st.end = None;
-        st.alive = self.machine.vcpus.len();
+        st.begin_run(self.machine.vcpus.len(), deadline);
         // Logged from the starting thread, before any vCPU runs: a logger that caches levels
         // (pyo3-log) learns them here, so the vCPU threads' records cost nothing when disabled.
         log::debug!("starting a run of {} vCPU(s)", self.machine.vcpus.len());
@@ -705,7 +724,6 @@ impl Vm {
             }
         }
         drop(st);
-        let deadline = crate::deadline(timeout);
         // The vCPU threads start before the supervisor, so the guest does not wait for two
         // thread start-ups in a row; the supervisor gets their handles through a channel, and
         // if it cannot start, the handles are still here to stop and reap the threads.
@@ -719,7 +737,7 @@ impl Vm {
         });
         match spawned {
             Ok(handle) => {
-                *supervisor = Some(handle);
+                *lock(&self.supervisor) = Some(handle);
                 handles_tx.send(vcpus).expect("the supervisor waits for the vCPU handles");
                 Ok(())
             }
@@ -731,16 +749,24 @@ impl Vm {
         }
     }
 
-    /// Waits up to `timeout` (forever with `None`) for the run to end. Returns `None` if it is
-    /// still running then.
+    /// Waits up to `timeout` (forever with `None`) for the run to end or pause. Returns `None`
+    /// if it is still running then. A hook cannot wait for its own VM: the run it would wait
+    /// for is waiting for the hook.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<Option<Outcome>> {
         let deadline = crate::deadline(timeout);
         let mut st = lock(&self.machine.run);
         loop {
-            match &st.phase {
-                Phase::Ended(o) => return Ok(Some(o.clone())),
-                Phase::Empty | Phase::Ready => return Err(Error::State("the VM has not been started".into())),
-                Phase::Running => {}
+            if !st.is_running() {
+                return match st.outcome() {
+                    Some(o) => Ok(Some(o.clone())),
+                    None if st.closed => Err(Error::State("the VM is closed".into())),
+                    None => Err(Error::State("the VM has not been started".into())),
+                };
+            }
+            if self.machine.serving_hooks_here() {
+                return Err(Error::State(
+                    "a hook cannot wait for its own VM: the run ends (or pauses) when the hook returns".into(),
+                ));
             }
             st = match deadline {
                 None => self.machine.changed.wait(st).unwrap_or_else(|p| p.into_inner()),
@@ -755,41 +781,92 @@ impl Vm {
         }
     }
 
-    /// Runs until the guest ends the run or `timeout` passes (outcome `timeout`).
+    /// Runs until the guest ends the run, `timeout` passes (outcome `timeout`), or the VM is
+    /// stopped or paused from another thread or a hook.
     pub fn run(&self, timeout: Option<Duration>) -> Result<Outcome> {
         self.start(timeout)?;
         Ok(self.wait(None)?.expect("wait without a timeout returns an outcome"))
     }
 
-    /// Ends a running VM with outcome `stopped` and waits for its threads. Returns the
-    /// outcome of the last run, or `None` if the VM never ran.
-    pub fn stop(&self) -> Result<Option<Outcome>> {
-        let running = matches!(lock(&self.machine.run).phase, Phase::Running);
-        if running {
-            self.machine.request_end(Outcome::new(ExitReason::Stopped));
+    /// Pauses a running VM: its vCPUs leave the guest, and whoever waits for the run gets
+    /// outcome `paused`. Returns once no vCPU runs; from a hook of this VM it returns at once,
+    /// and the pause takes effect when the hook returns. Pausing a paused VM does nothing.
+    pub fn pause(&self) -> Result<()> {
+        match self.state() {
+            VmState::Running => {}
+            VmState::Paused => return Ok(()),
+            other => return Err(Error::State(format!("only a running VM can pause; this one is {}", other.name()))),
         }
-        match lock(&self.machine.run).phase.clone() {
-            Phase::Empty | Phase::Ready => return Ok(None),
-            Phase::Running | Phase::Ended(_) => {}
+        self.machine.request_pause();
+        if !self.machine.serving_hooks_here() {
+            self.wait(None)?;
+        }
+        Ok(())
+    }
+
+    /// Ends a running or paused VM with outcome `stopped` and waits for its threads. Returns
+    /// the outcome of the last run, or `None` if the VM never ran. From a hook of this VM it
+    /// returns `None` at once, and the run ends when the hook returns.
+    pub fn stop(&self) -> Result<Option<Outcome>> {
+        {
+            let mut st = lock(&self.machine.run);
+            if let Some(stopped) = st.stop_paused() {
+                return Ok(Some(stopped));
+            }
+            if !st.is_running() {
+                let last = st.outcome().cloned();
+                drop(st);
+                self.reap_supervisor();
+                return Ok(last);
+            }
+        }
+        self.machine.request_end(Outcome::new(ExitReason::Stopped));
+        if self.machine.serving_hooks_here() {
+            return Ok(None);
         }
         let outcome = self.wait(None)?;
-        if let Some(handle) = lock(&self.supervisor).take() {
+        self.reap_supervisor();
+        Ok(outcome)
+    }
+
+    /// Stops the VM for good: every later start or load is refused. Its threads are joined
+    /// here, or, when a hook of this VM closes it, as the run unwinds after the hook returns.
+    /// Memory and file descriptors go when the last handle on the VM is dropped.
+    pub fn close(&self) {
+        lock(&self.machine.run).closed = true;
+        let _ = self.stop();
+        self.machine.changed.notify_all();
+    }
+
+    /// Joins the last run's supervisor (which has published its outcome), unless a start in
+    /// progress has taken it.
+    fn reap_supervisor(&self) {
+        let handle = lock(&self.supervisor).take();
+        if let Some(handle) = handle {
             let _ = handle.join();
         }
-        Ok(outcome)
+    }
+
+    /// Where the VM is in its life.
+    pub fn state(&self) -> VmState {
+        lock(&self.machine.run).state()
     }
 
     /// Whether a run is in progress.
     pub fn is_running(&self) -> bool {
-        matches!(lock(&self.machine.run).phase, Phase::Running)
+        lock(&self.machine.run).is_running()
     }
 
-    /// The outcome of the last run, if one has ended.
+    /// The outcome of the last run (`paused` while paused), if one has ended.
     pub fn outcome(&self) -> Option<Outcome> {
-        match &lock(&self.machine.run).phase {
-            Phase::Ended(o) => Some(o.clone()),
-            _ => None,
-        }
+        lock(&self.machine.run).outcome().cloned()
+    }
+
+    /// Marks the current thread as running this VM's hooks until the guard drops. Bindings
+    /// that run hooks on a thread other than the vCPU's (Lua's hook pump) hold it around each
+    /// hook, so a stop, pause, close or wait from the hook does not wait for itself.
+    pub fn serving_hooks(&self) -> ServingHooks {
+        ServingHooks::enter(self.machine.id())
     }
 
     fn vcpu(&self, index: usize) -> Result<std::sync::MutexGuard<'_, Vcpu>> {
@@ -1019,7 +1096,18 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        // Stopping joins every thread of this VM, so dropping it leaks none.
+        // Stopping joins every thread of this VM, so dropping it leaks none. From a hook of
+        // this VM the run unwinds after the hook, and its supervisor, which holds the machine,
+        // drops it last.
         let _ = self.stop();
+    }
+}
+
+/// Clears `RunState::starting` when a start returns, however it returns.
+struct Starting<'a>(&'a Machine);
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.run).starting = false;
     }
 }

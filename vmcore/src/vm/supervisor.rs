@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::signal::Killable;
 
-use super::Machine;
+use super::{Machine, ServingHooks};
 use crate::cpu::{kick, Vcpu, VcpuEnv};
 use crate::devices::lock;
 use crate::outcome::{ExitReason, Outcome};
@@ -18,7 +18,7 @@ const SAMPLING_SLICE: Duration = Duration::from_millis(10);
 /// kick already sets `immediate_exit`).
 const REKICK: Duration = Duration::from_millis(10);
 
-/// Runs one run of the VM from start to published outcome.
+/// Runs one run of the VM from start to published outcome (a pause included).
 pub(super) fn supervise(machine: Arc<Machine>, vcpus: Vec<Option<JoinHandle<()>>>, deadline: Option<Instant>) {
     let mut slice = FIRST_SLICE;
     let mut probe_generation = machine.status.iter().map(|s| s.probe_request.load(Ordering::Relaxed)).max().unwrap_or(0);
@@ -33,12 +33,12 @@ pub(super) fn supervise(machine: Arc<Machine>, vcpus: Vec<Option<JoinHandle<()>>
         // the re-kick interval has passed), or when the slice is up.
         let (st, _) = machine
             .changed
-            .wait_timeout_while(st, slice, |s| s.alive > 0 && (kicked_to_end || s.end.is_none()))
+            .wait_timeout_while(st, slice, |s| s.alive > 0 && (kicked_to_end || !s.leaving()))
             .unwrap_or_else(|p| p.into_inner());
         if st.alive == 0 {
             break;
         }
-        let ending = st.end.is_some();
+        let ending = st.leaving();
         drop(st);
         if ending {
             kick_all(&vcpus);
@@ -140,6 +140,7 @@ impl Drop for Alive<'_> {
 
 fn vcpu_thread(machine: &Machine, index: usize) {
     let _alive = Alive(machine, index);
+    let _serving = ServingHooks::enter(machine.id());
     let env = VcpuEnv {
         index,
         precise_mode: machine.precise_mode,
@@ -154,7 +155,11 @@ fn vcpu_thread(machine: &Machine, index: usize) {
         syscall_fixup: machine.syscall_fixup,
         rip_sampler: &machine.rip_sampler,
     };
-    if let Some(outcome) = Vcpu::run(&machine.vcpus[index], &env) {
+    let outcome = Vcpu::run(&machine.vcpus[index], &env);
+    // Before the run's end is published: whoever reads registers next sees the last
+    // instruction done.
+    lock(&machine.vcpus[index]).complete_pending();
+    if let Some(outcome) = outcome {
         machine.request_end(outcome);
     }
 }
