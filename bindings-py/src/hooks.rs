@@ -1,11 +1,13 @@
 //! Hooks from Python: a core hook whose callback takes the GIL and calls a Python callable
 //! with a `HookEvent`, then copies the callable's answers back into the core event.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use pyo3::{PyTraverseError, PyVisit};
 
 use vmcore::devices::virtio::net::PacketFilter;
 use vmcore::hooks::{Event, EventKind, HookError, HookFn, StopRequest, Trigger};
@@ -223,9 +225,79 @@ fn pin_thread_state() {
     });
 }
 
+/// One Python callable a VM holds, emptied when the garbage collector breaks a cycle through it.
+pub type Held = Arc<Mutex<Option<Py<PyAny>>>>;
+
+/// What a VM's callables are held for: a hook, or the filter of a network device.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Holder {
+    Hook(u64),
+    Filter(usize),
+}
+
+/// The Python callables a VM holds (hooks and packet filters), where Python's garbage
+/// collector can see them. The core keeps them inside closures it cannot look into, so without
+/// this a hook that refers to its own VM (the usual case) made a cycle the collector could
+/// neither see nor break, and such VMs were never freed.
+#[derive(Default)]
+pub struct Callables {
+    held: Mutex<HashMap<Holder, Held>>,
+}
+
+impl Callables {
+    /// Holds `callable` for `holder` (replacing what it held) and returns the slot the core's
+    /// closure reads it from.
+    pub fn hold(&self, holder: Holder, callable: Py<PyAny>) -> Held {
+        let slot: Held = Arc::new(Mutex::new(Some(callable)));
+        self.keep(holder, slot.clone());
+        slot
+    }
+
+    /// Holds a slot made before its holder was known (a hook's id comes from the core).
+    pub fn keep(&self, holder: Holder, slot: Held) {
+        self.lock().insert(holder, slot);
+    }
+
+    pub fn release(&self, holder: Holder) {
+        self.lock().remove(&holder);
+    }
+
+    /// Visits every callable. A slot another thread has locked is skipped: that thread holds the
+    /// GIL only to clone the reference, so during a collection nothing holds one.
+    pub fn traverse(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        let Ok(held) = self.held.try_lock() else { return Ok(()) };
+        for slot in held.values() {
+            if let Ok(callable) = slot.try_lock() {
+                if let Some(callable) = callable.as_ref() {
+                    visit.call(callable)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops every callable; hooks that fire afterwards end the run with an error saying so.
+    pub fn clear(&self) {
+        let slots: Vec<Held> = self.lock().drain().map(|(_, slot)| slot).collect();
+        for slot in slots {
+            let callable = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            drop(callable);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Holder, Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The callable in `slot`, if the collector has not emptied it.
+fn held(py: Python<'_>, slot: &Held) -> Option<Py<PyAny>> {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.clone_ref(py))
+}
+
 /// A core hook calling `callback(HookEvent)` with the GIL held. An exception ends the run
 /// with outcome "hook_error" and travels, traceback and all, to whoever waits for the VM.
-pub fn callback(callback: Py<PyAny>) -> HookFn {
+pub fn callback(slot: Held) -> HookFn {
     Arc::new(move |ev: &mut Event| {
         // Static CPUID hooks run on the thread that starts the VM, which holds the GIL; every
         // other event comes from a vCPU thread.
@@ -233,6 +305,7 @@ pub fn callback(callback: Py<PyAny>) -> HookFn {
             pin_thread_state();
         }
         Python::attach(|py| {
+            let callback = held(py, &slot).ok_or_else(|| HookError::new("the hook was released: its VM is being collected"))?;
             let event = Py::new(py, HookEvent::from_core(ev)).map_err(|e| hook_error(py, e))?;
             callback.call1(py, (event.clone_ref(py),)).map_err(|e| hook_error(py, e))?;
             event.borrow_mut(py).apply_to(ev);
@@ -252,9 +325,11 @@ fn hook_error(py: Python<'_>, err: PyErr) -> HookError {
 /// A network filter calling `callback(frame: bytes)` on the device's worker thread, with the GIL
 /// taken there (the worker holds no vmcore lock meanwhile). A false result (`False`, not `None`)
 /// drops the frame; an exception is logged and drops it too.
-pub fn packet_filter(callback: Py<PyAny>) -> PacketFilter {
+pub fn packet_filter(slot: Held) -> PacketFilter {
     Arc::new(move |frame: &[u8]| {
         Python::attach(|py| {
+            // A filter the collector released lets frames pass, as no filter does.
+            let Some(callback) = held(py, &slot) else { return true };
             let bytes = pyo3::types::PyBytes::new(py, frame);
             match callback.call1(py, (bytes,)) {
                 Ok(answer) => {

@@ -6,6 +6,7 @@
 
 mod hooks;
 
+use std::mem::ManuallyDrop;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use pyo3::{PyTraverseError, PyVisit};
 
 use vmcore::console::Tee;
 use vmcore::devices::virtio::net::{format_mac, parse_mac, NetOptions};
@@ -118,14 +120,43 @@ fn virtio_dict<'py>(py: Python<'py>, info: &VirtioInfo) -> PyResult<Bound<'py, P
     Ok(d)
 }
 
+/// A reference to the core VM that never drops the last one with the GIL held. Dropping the
+/// last reference joins the VM's threads, and a vCPU thread may need the GIL to finish (a hook,
+/// a log record, its Python thread state): the reference a method borrowed while another
+/// thread closed the VM is such a last one. The stress test hung here.
+#[derive(Clone)]
+struct VmRef(ManuallyDrop<Arc<Vm>>);
+
+impl std::ops::Deref for VmRef {
+    type Target = Vm;
+
+    fn deref(&self) -> &Vm {
+        &self.0
+    }
+}
+
+impl Drop for VmRef {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` is taken once, here, and never touched again.
+        let vm = unsafe { ManuallyDrop::take(&mut self.0) };
+        if let Some(last) = Arc::into_inner(vm) {
+            // Whether this thread holds the GIL is not in the stable ABI; attaching first makes
+            // both cases one (it costs a GIL round trip on the rare last drop without it).
+            Python::attach(|py| py.detach(move || drop(last)));
+        }
+    }
+}
+
 /// The native VM handle. Use `vmcore.Vm`, which wraps it.
 #[pyclass(module = "vmcore._native", frozen)]
 struct NativeVm {
-    vm: Mutex<Option<Arc<Vm>>>,
+    vm: Mutex<Option<VmRef>>,
+    /// The hooks' and packet filters' callables, visible to the garbage collector.
+    callables: hooks::Callables,
 }
 
 impl NativeVm {
-    fn get(&self) -> PyResult<Arc<Vm>> {
+    fn get(&self) -> PyResult<VmRef> {
         self.vm
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -135,7 +166,7 @@ impl NativeVm {
 
     /// Runs `wait` in slices with the GIL released, checking for Ctrl-C between slices. On a
     /// signal the VM is stopped before the exception propagates.
-    fn wait_interruptibly(py: Python<'_>, vm: &Arc<Vm>, timeout: Option<Duration>) -> PyResult<Option<Outcome>> {
+    fn wait_interruptibly(py: Python<'_>, vm: &VmRef, timeout: Option<Duration>) -> PyResult<Option<Outcome>> {
         // A timeout too long to represent means no limit.
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
@@ -163,17 +194,6 @@ impl NativeVm {
     }
 }
 
-impl Drop for NativeVm {
-    fn drop(&mut self) {
-        // Dropping a running VM stops it and joins its threads, which may log through
-        // Python's logging: do it with the GIL released, as close() does.
-        let vm = self.vm.get_mut().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(vm) = vm {
-            Python::attach(|py| py.detach(move || drop(vm)));
-        }
-    }
-}
-
 #[pymethods]
 impl NativeVm {
     #[new]
@@ -191,7 +211,18 @@ impl NativeVm {
         let builder = VmBuilder::new().memory(bytes).vcpus(vcpus).tee(tee).precise_mode(precise);
         // Building may probe the host with a VM whose threads log through Python.
         let vm = py.detach(move || builder.build()).py_err(py)?;
-        Ok(NativeVm { vm: Mutex::new(Some(Arc::new(vm))) })
+        Ok(NativeVm { vm: Mutex::new(Some(VmRef(ManuallyDrop::new(Arc::new(vm))))), callables: hooks::Callables::default() })
+    }
+
+    /// Lets the garbage collector see the callables this VM holds: a hook that refers to its
+    /// own VM makes a cycle through them.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        self.callables.traverse(&visit)
+    }
+
+    /// Breaks such a cycle: the callables go, and the VM with the last reference to it.
+    fn __clear__(&self) {
+        self.callables.clear();
     }
 
     #[getter]
@@ -301,10 +332,18 @@ impl NativeVm {
         mac: Option<String>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let mac = mac.as_deref().map(parse_mac).transpose().py_err(py)?;
-        let options = NetOptions { mac, tap, on_packet: on_packet.map(hooks::packet_filter) };
         let vm = self.get()?;
+        let index = vm.virtio_devices().len();
+        let on_packet = on_packet.map(|f| hooks::packet_filter(self.callables.hold(hooks::Holder::Filter(index), f)));
+        let options = NetOptions { mac, tap, on_packet };
         // Opening a tap may block briefly; nothing here calls back into Python.
-        let (info, port) = py.detach(move || vm.add_net(&options)).py_err(py)?;
+        let (info, port) = match py.detach(move || vm.add_net(&options)) {
+            Ok(added) => added,
+            Err(e) => {
+                self.callables.release(hooks::Holder::Filter(index));
+                return Err(to_py(py, e));
+            }
+        };
         let d = virtio_dict(py, &info)?;
         d.set_item("mac", format_mac(&port.mac()))?;
         d.set_item("tap", port.tap())?;
@@ -336,7 +375,15 @@ impl NativeVm {
     /// Replaces network device `index`'s filter (None: every frame passes).
     #[pyo3(signature = (index, on_packet=None))]
     fn net_set_filter(&self, py: Python<'_>, index: usize, on_packet: Option<Py<PyAny>>) -> PyResult<()> {
-        self.get()?.net_port(index).py_err(py)?.set_filter(on_packet.map(hooks::packet_filter));
+        let port = self.get()?.net_port(index).py_err(py)?;
+        let holder = hooks::Holder::Filter(index);
+        match on_packet {
+            Some(f) => port.set_filter(Some(hooks::packet_filter(self.callables.hold(holder, f)))),
+            None => {
+                port.set_filter(None);
+                self.callables.release(holder);
+            }
+        }
         Ok(())
     }
 
@@ -375,6 +422,25 @@ impl NativeVm {
         outcome_dict(py, &outcome, true)
     }
 
+    /// Pauses a running VM (outcome "paused" for whoever waits); from a hook, when it returns.
+    fn pause(&self, py: Python<'_>) -> PyResult<()> {
+        let vm = self.get()?;
+        py.detach(move || vm.pause()).py_err(py)
+    }
+
+    /// Continues a paused VM with what was left of its run's timeout.
+    fn resume(&self, py: Python<'_>) -> PyResult<()> {
+        let vm = self.get()?;
+        py.detach(move || vm.resume()).py_err(py)
+    }
+
+    /// "created", "loaded", "running", "paused", "ended" or "closed".
+    #[getter]
+    fn state(&self) -> &'static str {
+        let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        vm.map_or(vmcore::VmState::Closed.name(), |vm| vm.state().name())
+    }
+
     fn stop<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let vm = self.get()?;
         let outcome = py.detach(move || vm.stop()).py_err(py)?;
@@ -385,8 +451,12 @@ impl NativeVm {
     fn close(&self, py: Python<'_>) {
         let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(vm) = vm {
-            // Dropping the last reference stops and joins the VM's threads.
-            py.detach(move || drop(vm));
+            // Closing stops and joins the VM's threads (from one of its hooks: once the run
+            // unwinds); dropping the last reference frees the rest.
+            py.detach(move || {
+                vm.close();
+                drop(vm);
+            });
         }
     }
 
@@ -490,16 +560,20 @@ impl NativeVm {
     /// "breakpoint", "step", "hlt", "shutdown", "exit") with its parameters; returns its id.
     fn add_hook(&self, py: Python<'_>, kind: &str, params: &Bound<'_, PyDict>, callback: Py<PyAny>) -> PyResult<u64> {
         let trigger = hooks::trigger(kind, params)?;
-        let callback = hooks::callback(callback);
+        let slot: hooks::Held = Arc::new(Mutex::new(Some(callback)));
+        let core_hook = hooks::callback(slot.clone());
         let vm = self.get()?;
         // Site-trap mode may probe the host with a VM that logs through Python.
-        let id = py.detach(move || vm.add_hook(trigger, callback)).py_err(py)?;
+        let id = py.detach(move || vm.add_hook(trigger, core_hook)).py_err(py)?;
+        self.callables.keep(hooks::Holder::Hook(id.0), slot);
         Ok(id.0)
     }
 
     /// Removes a hook by id; returns whether it was registered.
     fn remove_hook(&self, py: Python<'_>, id: u64) -> PyResult<bool> {
-        self.get()?.remove_hook(vmcore::hooks::HookId(id)).py_err(py)
+        let removed = self.get()?.remove_hook(vmcore::hooks::HookId(id)).py_err(py)?;
+        self.callables.release(hooks::Holder::Hook(id));
+        Ok(removed)
     }
 
     /// How many instructions site-trap mode has replaced with int3.

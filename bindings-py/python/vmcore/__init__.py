@@ -45,6 +45,7 @@ from ._vm import (
     Vcpu,
     VirtioDevice,
     Vm,
+    VmState,
 )
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "PacketCallback",
     "HookError",
     "Mode",
+    "VmState",
     "LinuxKernel",
     "LinuxProtocol",
     "REGISTER_NAMES",

@@ -15,6 +15,7 @@ from . import _native
 from ._native import NativeVm
 
 Mode: TypeAlias = Literal["real", "protected", "long"]
+VmState: TypeAlias = Literal["created", "loaded", "running", "paused", "ended", "closed"]
 """CPU mode a flat binary is entered in."""
 
 REGISTER_NAMES: Tuple[str, ...] = tuple(_native.REGISTER_NAMES)
@@ -34,8 +35,9 @@ class Outcome:
     ``ev.stop(result)``: ``result`` is that object, ``code`` it when it is an int) and
     ``"hook_error"`` (a hook raised; ``run()`` and ``wait()`` raise that exception),
     ``"reboot"`` (the guest reset the machine: keyboard controller, port 0xcf9 or the ACPI reset
-    register; ``detail`` says which) and ``"poweroff"`` (the guest entered ACPI S5). Only
-    ``"timeout"`` and ``"stopped"`` runs can be started again.
+    register; ``detail`` says which), ``"poweroff"`` (the guest entered ACPI S5) and
+    ``"paused"`` (:meth:`Vm.pause` was called). ``"timeout"``, ``"stopped"`` and ``"paused"``
+    runs continue the same guest on the next ``run()``/``start()`` (or ``resume()``).
     """
 
     reason: str
@@ -569,7 +571,10 @@ class Vm:
     # -- running -----------------------------------------------------------------------------
 
     def run(self, timeout: Optional[float] = None, progress: bool = False) -> Outcome:
-        """Runs until the guest ends the run or ``timeout`` seconds pass (outcome ``"timeout"``).
+        """Runs until the guest ends the run, ``timeout`` seconds pass (outcome ``"timeout"``),
+        or another thread or a hook stops or pauses it. A VM whose last run timed out, was
+        stopped or was paused continues the same guest: registers, memory and devices are as
+        the guest left them.
 
         The GIL is released while the guest runs. Ctrl-C stops the VM and raises
         ``KeyboardInterrupt``. With ``progress``, elapsed time, exits and the console's last
@@ -593,19 +598,44 @@ class Vm:
         self._native.start(timeout)
 
     def wait(self, timeout: Optional[float] = None) -> Optional[Outcome]:
-        """Waits up to ``timeout`` seconds (forever with None) for the run to end; returns its
-        outcome, or None if it is still running."""
+        """Waits up to ``timeout`` seconds (forever with None) for the run to end or pause;
+        returns its outcome, or None if it is still running. A hook cannot wait for its own VM
+        (:class:`VmStateError`): the run waits for the hook."""
         d = self._native.wait(timeout)
         return None if d is None else Outcome._from_native(d)
 
+    def pause(self) -> None:
+        """Pauses a running guest: its vCPUs leave it, and whoever waits for the run gets
+        outcome ``"paused"``. Returns once no vCPU runs, so registers and memory can be read
+        and written; from a hook of this VM it returns at once and the pause takes effect when
+        the hook returns. Pausing a paused VM does nothing; any other state raises
+        :class:`VmStateError`."""
+        self._native.pause()
+
+    def resume(self) -> None:
+        """Continues a paused guest in the background, with what was left of its run's
+        timeout (time spent paused does not count). Raises :class:`VmStateError` unless the VM
+        is paused."""
+        self._native.resume()
+
+    @property
+    def state(self) -> VmState:
+        """Where the VM is in its life: ``"created"``, ``"loaded"``, ``"running"``,
+        ``"paused"``, ``"ended"`` or ``"closed"`` (docs/lifecycle.md says which call is legal
+        in each)."""
+        return self._native.state  # type: ignore[return-value]
+
     def stop(self) -> Optional[Outcome]:
-        """Stops a running guest (outcome ``"stopped"``) and returns the last run's outcome,
-        or None if the VM never ran. Stopping a VM that has ended is harmless."""
+        """Stops a running or paused guest (outcome ``"stopped"``) and returns the last run's
+        outcome, or None if the VM never ran. Stopping a VM that has ended is harmless. From a
+        hook of this VM it returns None at once, and the run ends when the hook returns."""
         d = self._native.stop()
         return None if d is None else Outcome._from_native(d)
 
     def close(self) -> None:
-        """Stops the VM and frees its threads, file descriptors and guest memory. Idempotent."""
+        """Stops the VM and frees its threads, file descriptors and guest memory. Idempotent.
+        From a hook of this VM the run ends when the hook returns, and the rest is freed as it
+        unwinds."""
         self._native.close()
 
     @property
