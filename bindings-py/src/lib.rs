@@ -434,6 +434,12 @@ impl NativeVm {
         py.detach(move || vm.resume()).py_err(py)
     }
 
+    /// How many breakpoint addresses hooks may use (four, less what the host reserves).
+    #[getter]
+    fn breakpoint_capacity(&self) -> PyResult<usize> {
+        Ok(self.get()?.breakpoint_capacity())
+    }
+
     /// "created", "loaded", "running", "paused", "ended" or "closed".
     #[getter]
     fn state(&self) -> &'static str {

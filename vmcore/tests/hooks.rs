@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{guest, kvm, small_vm, symbol};
 use vmcore::hooks::{Event, EventKind, HookError, StopRequest, Trigger};
-use vmcore::{CpuMode, ExitReason, Vm};
+use vmcore::{CpuMode, ExitReason, Vm, VmBuilder};
 
 const FIVE_SECONDS: Option<Duration> = Some(Duration::from_secs(5));
 
@@ -241,13 +241,21 @@ fn too_many_breakpoints_and_bad_registers_are_refused() {
     if !kvm() {
         return;
     }
-    let vm = small_vm();
     let nothing = || -> vmcore::hooks::HookFn { Arc::new(|_: &mut Event| Ok(())) };
-    for address in 0..4 {
-        vm.add_hook(Trigger::Breakpoint { address: 0x100000 + address }, nothing()).unwrap();
+    for fixup in [false, true] {
+        let vm = VmBuilder::new().memory(32 << 20).syscall_fixup(fixup).build().unwrap();
+        let capacity = vm.breakpoint_capacity();
+        assert_eq!(capacity, if fixup { 3 } else { 4 }, "SYSCALL completion holds one debug register");
+        for address in 0..capacity as u64 {
+            vm.add_hook(Trigger::Breakpoint { address: 0x100000 + address }, nothing()).unwrap();
+        }
+        let err = vm.add_hook(Trigger::Breakpoint { address: 0x200000 }, nothing()).unwrap_err();
+        assert!(err.to_string().contains(&format!("at most {capacity}")), "{err}");
+        // Every breakpoint that was accepted can be armed: the run gets to the guest.
+        vm.load_flat(&guest("hello-long.bin"), 0x100000, CpuMode::Long).unwrap();
+        assert_eq!(vm.run(FIVE_SECONDS).unwrap().reason, ExitReason::Halted, "syscall_fixup {fixup}");
     }
-    let err = vm.add_hook(Trigger::Breakpoint { address: 0x200000 }, nothing()).unwrap_err();
-    assert!(err.to_string().contains("at most 4"), "{err}");
+    let vm = small_vm();
     let err = vm.add_hook(Trigger::Cr { cr: 5, reads: true, writes: true }, nothing()).unwrap_err();
     assert!(err.to_string().contains("CR5"), "{err}");
 }

@@ -722,8 +722,14 @@ class Vm:
 
     def on_breakpoint(self, address: int) -> Callable[[Hook], Hook]:
         """Decorator: ``fn(ev)`` when execution reaches ``address`` (a hardware breakpoint; at
-        most four addresses)."""
+        most :attr:`breakpoint_capacity` addresses)."""
         return self._hook("breakpoint", address=address)
+
+    @property
+    def breakpoint_capacity(self) -> int:
+        """How many breakpoint addresses hooks may use: x86's four debug registers, less the
+        one vmcore needs on hosts whose KVM leaves SYSCALLs half done (see docs/host.md)."""
+        return self._native.breakpoint_capacity
 
     def on_step(self) -> Callable[[Hook], Hook]:
         """Decorator: ``fn(ev)`` after every instruction (single-step); ``ev.rip`` is the next."""

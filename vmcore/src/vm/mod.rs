@@ -928,6 +928,12 @@ impl Vm {
         paging::translate(&self.machine.ram, &ctx, address)
     }
 
+    /// How many breakpoint addresses this VM's hooks may use: x86's four debug registers, less
+    /// the one SYSCALL completion holds on hosts that need it.
+    pub fn breakpoint_capacity(&self) -> usize {
+        MAX_BREAKPOINTS - usize::from(self.machine.syscall_fixup)
+    }
+
     /// Registers a hook. Static CPUID hooks must come before the first run (KVM takes the
     /// table only then); MSR hooks enable user-space MSR exits and filter the hooked index.
     pub fn add_hook(&self, trigger: Trigger, callback: HookFn) -> Result<HookId> {
@@ -969,10 +975,14 @@ impl Vm {
                 addresses.push(*address);
                 addresses.sort_unstable();
                 addresses.dedup();
-                if addresses.len() > MAX_BREAKPOINTS {
-                    return Err(Error::Config(format!(
-                        "at most {MAX_BREAKPOINTS} breakpoint addresses (x86 has four debug registers)"
-                    )));
+                let capacity = self.breakpoint_capacity();
+                if addresses.len() > capacity {
+                    let why = if capacity < MAX_BREAKPOINTS {
+                        "x86 has four debug registers, and vmcore finishes this host's SYSCALLs with one"
+                    } else {
+                        "x86 has four debug registers"
+                    };
+                    return Err(Error::Config(format!("at most {capacity} breakpoint addresses ({why})")));
                 }
                 Ok(())
             }
