@@ -2,7 +2,9 @@
 //! the end of the run.
 //!
 //! An exit is first copied out of `kvm_run` ([`Exit`]), so the vCPU can be unlocked while hooks
-//! run; what the guest gets back ([`Completion`]) is written into `kvm_run` before it resumes.
+//! run (kvm-ioctls' `VcpuExit` borrows the vCPU, which a hook using its VM needs); what the
+//! guest gets back ([`Completion`]) is written into `kvm_run` before it resumes. The copy holds
+//! the few bytes of a port or MMIO access inline ([`ExitData`]), so an exit costs no allocation.
 
 use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::VcpuExit;
@@ -12,13 +14,59 @@ use crate::devices::{lock, BusResult};
 use crate::hooks::{Event, EventKind, HookError};
 use crate::outcome::{ExitReason, Outcome};
 
+/// The bytes of a port or MMIO access: inline up to eight (an MMIO access, a single IN or
+/// OUT), on the heap beyond (string port I/O, `rep outsb`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum ExitData {
+    Inline { bytes: [u8; ExitData::INLINE], len: u8 },
+    Heap(Vec<u8>),
+}
+
+impl ExitData {
+    /// The most bytes kept inline: an MMIO access or one IN/OUT never has more.
+    const INLINE: usize = 8;
+
+    fn copy_of(data: &[u8]) -> ExitData {
+        if data.len() <= Self::INLINE {
+            let mut bytes = [0u8; Self::INLINE];
+            bytes[..data.len()].copy_from_slice(data);
+            ExitData::Inline { bytes, len: data.len() as u8 }
+        } else {
+            ExitData::Heap(data.to_vec())
+        }
+    }
+
+    /// `len` bytes of 0xFF: what a read of nothing returns.
+    fn ones(len: usize) -> ExitData {
+        if len <= Self::INLINE {
+            ExitData::Inline { bytes: [0xFF; Self::INLINE], len: len as u8 }
+        } else {
+            ExitData::Heap(vec![0xFF; len])
+        }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        match self {
+            ExitData::Inline { bytes, len } => &bytes[..usize::from(*len)],
+            ExitData::Heap(v) => v,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            ExitData::Inline { bytes, len } => &mut bytes[..usize::from(*len)],
+            ExitData::Heap(v) => v,
+        }
+    }
+}
+
 /// A KVM exit, owned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Exit {
     IoIn { port: u16, len: usize },
-    IoOut { port: u16, data: Vec<u8> },
+    IoOut { port: u16, data: ExitData },
     MmioRead { address: u64, len: usize },
-    MmioWrite { address: u64, data: Vec<u8> },
+    MmioWrite { address: u64, data: ExitData },
     MsrRead { index: u32 },
     MsrWrite { index: u32, value: u64 },
     Debug { exception: u32, pc: u64, dr6: u64 },
@@ -35,9 +83,9 @@ impl Exit {
     pub(crate) fn capture(exit: VcpuExit<'_>) -> Exit {
         match exit {
             VcpuExit::IoIn(port, data) => Exit::IoIn { port, len: data.len() },
-            VcpuExit::IoOut(port, data) => Exit::IoOut { port, data: data.to_vec() },
+            VcpuExit::IoOut(port, data) => Exit::IoOut { port, data: ExitData::copy_of(data) },
             VcpuExit::MmioRead(address, data) => Exit::MmioRead { address, len: data.len() },
-            VcpuExit::MmioWrite(address, data) => Exit::MmioWrite { address, data: data.to_vec() },
+            VcpuExit::MmioWrite(address, data) => Exit::MmioWrite { address, data: ExitData::copy_of(data) },
             VcpuExit::X86Rdmsr(msr) => Exit::MsrRead { index: msr.index },
             VcpuExit::X86Wrmsr(msr) => Exit::MsrWrite { index: msr.index, value: msr.data },
             VcpuExit::Debug(d) => Exit::Debug { exception: d.exception, pc: d.pc, dr6: d.dr6 },
@@ -76,9 +124,11 @@ impl Exit {
         let size = |len: usize| len.min(8) as u8;
         Some(match self {
             Exit::IoIn { port, len } => EventKind::Io { port: *port, size: size(*len), write: false },
-            Exit::IoOut { port, data } => EventKind::Io { port: *port, size: size(data.len()), write: true },
+            Exit::IoOut { port, data } => EventKind::Io { port: *port, size: size(data.as_slice().len()), write: true },
             Exit::MmioRead { address, len } => EventKind::Mmio { address: *address, size: size(*len), write: false },
-            Exit::MmioWrite { address, data } => EventKind::Mmio { address: *address, size: size(data.len()), write: true },
+            Exit::MmioWrite { address, data } => {
+                EventKind::Mmio { address: *address, size: size(data.as_slice().len()), write: true }
+            }
             Exit::MsrRead { index } => EventKind::Msr { index: *index, write: false },
             Exit::MsrWrite { index, .. } => EventKind::Msr { index: *index, write: true },
             Exit::Shutdown => EventKind::Shutdown,
@@ -89,7 +139,7 @@ impl Exit {
     /// The value a write carries, little-endian.
     fn written(&self) -> Option<u64> {
         match self {
-            Exit::IoOut { data, .. } | Exit::MmioWrite { data, .. } => Some(le_value(data)),
+            Exit::IoOut { data, .. } | Exit::MmioWrite { data, .. } => Some(le_value(data.as_slice())),
             Exit::MsrWrite { value, .. } => Some(*value),
             _ => None,
         }
@@ -108,7 +158,7 @@ fn le_value(data: &[u8]) -> u64 {
 pub(crate) enum Completion {
     Nothing,
     /// Data for an IN or an MMIO read.
-    Data(Vec<u8>),
+    Data(ExitData),
     /// An RDMSR result, or (with `fault`) a #GP for RDMSR/WRMSR.
     Msr { value: u64, fault: bool },
 }
@@ -117,6 +167,7 @@ pub(crate) enum Completion {
 pub(crate) fn complete(run: &mut kvm_run, exit: &Exit, completion: &Completion) {
     match (exit, completion) {
         (Exit::IoIn { len, .. }, Completion::Data(data)) => {
+            let data = data.as_slice();
             // SAFETY: the last exit was KVM_EXIT_IO (captured as IoIn), so `io` is the live
             // union member; data_offset points inside the kvm_run mapping at `len` bytes that
             // KVM reads back on the next KVM_RUN, and we write at most `len` bytes there.
@@ -127,6 +178,7 @@ pub(crate) fn complete(run: &mut kvm_run, exit: &Exit, completion: &Completion) 
             }
         }
         (Exit::MmioRead { len, .. }, Completion::Data(data)) => {
+            let data = data.as_slice();
             // SAFETY: the last exit was KVM_EXIT_MMIO, so `mmio` is the live union member.
             let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
             let n = data.len().min(*len).min(mmio.data.len());
@@ -193,12 +245,12 @@ pub(crate) fn dispatch(exit: &Exit, rip: u64, env: &VcpuEnv, msrs: &dyn MsrAcces
     }
     Ok(match exit {
         Exit::IoIn { port, len } => {
-            let mut data = vec![0xFFu8; *len];
+            let mut data = ExitData::ones(*len);
             match supplied {
-                Some(v) => fill(&mut data, v),
+                Some(v) => fill(data.as_mut_slice(), v),
                 None => {
-                    if let BusResult::Unhandled = env.io.read(*port, &mut data) {
-                        data.fill(0xFF);
+                    if let BusResult::Unhandled = env.io.read(*port, data.as_mut_slice()) {
+                        data.as_mut_slice().fill(0xFF);
                         *stats.unhandled_port_reads.entry(*port).or_default() += 1;
                     }
                 }
@@ -211,9 +263,9 @@ pub(crate) fn dispatch(exit: &Exit, rip: u64, env: &VcpuEnv, msrs: &dyn MsrAcces
             }
             let mut data = data.clone();
             if let Some(v) = rewritten {
-                fill(&mut data, v);
+                fill(data.as_mut_slice(), v);
             }
-            match env.io.write(*port, &data) {
+            match env.io.write(*port, data.as_slice()) {
                 BusResult::Done => (Flow::Resume, Completion::Nothing),
                 BusResult::Exit(outcome) => (Flow::End(outcome), Completion::Nothing),
                 BusResult::Unhandled => {
@@ -223,15 +275,15 @@ pub(crate) fn dispatch(exit: &Exit, rip: u64, env: &VcpuEnv, msrs: &dyn MsrAcces
             }
         }
         Exit::MmioRead { address, len } => {
-            let mut data = vec![0xFFu8; *len];
+            let mut data = ExitData::ones(*len);
             match supplied {
-                Some(v) => fill(&mut data, v),
+                Some(v) => fill(data.as_mut_slice(), v),
                 None => {
                     // The device runs without the statistics lock: a virtio transport takes its
                     // own lock, which its worker thread also holds while it processes queues.
                     drop(stats);
-                    if let BusResult::Unhandled = env.mmio.read(*address, &mut data) {
-                        data.fill(0xFF);
+                    if let BusResult::Unhandled = env.mmio.read(*address, data.as_mut_slice()) {
+                        data.as_mut_slice().fill(0xFF);
                         *lock(env.stats).unhandled_mmio_reads.entry(*address).or_default() += 1;
                     }
                 }
@@ -244,10 +296,10 @@ pub(crate) fn dispatch(exit: &Exit, rip: u64, env: &VcpuEnv, msrs: &dyn MsrAcces
             }
             let mut data = data.clone();
             if let Some(v) = rewritten {
-                fill(&mut data, v);
+                fill(data.as_mut_slice(), v);
             }
             drop(stats);
-            match env.mmio.write(*address, &data) {
+            match env.mmio.write(*address, data.as_slice()) {
                 BusResult::Done => (Flow::Resume, Completion::Nothing),
                 BusResult::Exit(outcome) => (Flow::End(outcome), Completion::Nothing),
                 BusResult::Unhandled => {
@@ -316,5 +368,25 @@ fn fill(data: &mut [u8], value: u64) {
     let bytes = value.to_le_bytes();
     for (i, b) in data.iter_mut().enumerate() {
         *b = bytes[i % 8];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_data_keeps_short_accesses_inline_and_long_ones_whole() {
+        let short = ExitData::copy_of(&[1, 2, 3]);
+        assert!(matches!(short, ExitData::Inline { len: 3, .. }));
+        assert_eq!(short.as_slice(), &[1, 2, 3]);
+        let long: Vec<u8> = (0..100).collect();
+        assert_eq!(ExitData::copy_of(&long).as_slice(), &long[..]);
+        let mut read = ExitData::ones(4);
+        assert_eq!(read.as_slice(), &[0xFF; 4]);
+        fill(read.as_mut_slice(), 0x1122_3344);
+        assert_eq!(read.as_slice(), &[0x44, 0x33, 0x22, 0x11]);
+        assert_eq!(ExitData::ones(9).as_slice(), &[0xFF; 9]);
+        assert_eq!(ExitData::copy_of(&[]).as_slice(), &[] as &[u8]);
     }
 }

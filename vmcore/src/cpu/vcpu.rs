@@ -123,13 +123,9 @@ enum Parked {
     WaitingForSipi,
 }
 
-/// How the loop continues after an instruction precise mode looked at.
-enum Emulated {
-    /// No hook wants it: let the guest run it.
-    NotHooked,
-    Done,
-    End(Outcome),
-}
+/// How the loop continues after an instruction precise mode looked at: `Ok(true)` when it was
+/// performed, `Ok(false)` when no hook wants it (the guest runs it), `Err` to end the run.
+type Emulated = Result<bool, Outcome>;
 
 type Guard<'a> = std::sync::MutexGuard<'a, Vcpu>;
 
@@ -141,10 +137,66 @@ fn unlocked<'a, T>(slot: &'a Mutex<Vcpu>, guard: Guard<'a>, f: impl FnOnce() -> 
 }
 
 /// A hook's failure or stop request, as the outcome it ends the run with.
-fn hook_outcome(result: Result<(), HookError>, event: &mut Event) -> Option<Outcome> {
-    match result {
-        Err(e) => Some(Outcome::hook_error(e)),
-        Ok(()) => event.take_stop().map(Outcome::hook_stop),
+fn hook_outcome(result: Result<(), HookError>, event: &mut Event) -> Result<(), Outcome> {
+    result.map_err(Outcome::hook_error)?;
+    match event.take_stop() {
+        Some(stop) => Err(Outcome::hook_stop(stop)),
+        None => Ok(()),
+    }
+}
+
+/// A failure of vmcore or KVM, as the outcome it ends the run with.
+fn internal(e: Error) -> Outcome {
+    Outcome::internal(e.to_string())
+}
+
+/// How KVM's guest debugging is armed, and the loop's two reasons to arm it differently from
+/// what the hooks alone ask for. Each change re-arms at once, so the loop cannot forget to.
+#[derive(Default)]
+struct DebugState {
+    plan: DebugPlan,
+    /// The hooks' generation `plan` was made for.
+    armed_generation: Option<u64>,
+    /// After a breakpoint, one instruction is stepped with breakpoints off so it does not fire
+    /// again at once.
+    stepping_over: bool,
+    /// A single-stepped HLT traps at once instead of blocking, so a guest halted with
+    /// interrupts off would spin through debug exits and never look halted. Such a HLT runs
+    /// with single-step off; it can only be woken by NMI or INIT, and the next real exit arms
+    /// single-step again.
+    halting: bool,
+}
+
+impl DebugState {
+    /// Makes a new plan when hooks were added or removed since the last one.
+    fn follow_hooks(&mut self, vcpu: &mut Vcpu, env: &VcpuEnv) -> Result<(), Outcome> {
+        let generation = env.hooks.generation();
+        if self.armed_generation != Some(generation) {
+            self.plan = DebugPlan::for_triggers(&env.hooks.triggers(), env.precise_mode);
+            self.arm(vcpu)?;
+            self.armed_generation = Some(generation);
+        }
+        Ok(())
+    }
+
+    fn set_stepping_over(&mut self, vcpu: &mut Vcpu, on: bool) -> Result<(), Outcome> {
+        if self.stepping_over != on {
+            self.stepping_over = on;
+            self.arm(vcpu)?;
+        }
+        Ok(())
+    }
+
+    fn set_halting(&mut self, vcpu: &mut Vcpu, on: bool) -> Result<(), Outcome> {
+        if self.halting != on {
+            self.halting = on;
+            self.arm(vcpu)?;
+        }
+        Ok(())
+    }
+
+    fn arm(&self, vcpu: &mut Vcpu) -> Result<(), Outcome> {
+        vcpu.arm_debug(&self.plan, self.stepping_over, self.halting).map_err(internal)
     }
 }
 
@@ -212,55 +264,40 @@ impl Vcpu {
     /// set (`None`). The vCPU stays locked except while hooks run, so other threads can reach
     /// its registers exactly when it is stopped in a hook.
     pub fn run(slot: &Mutex<Vcpu>, env: &VcpuEnv) -> Option<Outcome> {
+        match Vcpu::run_until_end(slot, env) {
+            Ok(()) => None,
+            Err(outcome) => Some(lock(slot).locate(outcome)),
+        }
+    }
+
+    /// The loop of [`Vcpu::run`]: every way it ends other than `env.stop` is an `Err` carrying
+    /// the outcome, so each step can end the run with `?`.
+    fn run_until_end(slot: &Mutex<Vcpu>, env: &VcpuEnv) -> Result<(), Outcome> {
         let mut vcpu = lock(slot);
         let _armed = ArmedThread::arm(vcpu.fd.get_kvm_run());
-        let mut plan = DebugPlan::default();
-        let mut armed_generation = None;
-        // After a breakpoint, one instruction is stepped with breakpoints off so it does not
-        // fire again at once.
-        let mut stepping_over = false;
+        let mut debug = DebugState::default();
         // Whether kvm_run holds this vCPU's current registers (no hook or emulation since).
         let mut synced = false;
-        // A single-stepped HLT traps at once instead of blocking, so a guest halted with
-        // interrupts off would spin through debug exits and never look halted. Such a HLT runs
-        // with single-step off; it can only be woken by NMI or INIT, and the next real exit
-        // arms single-step again.
-        let mut halting = false;
         // When the last KVM_RUN returned, for the time spent handling exits.
         let mut exited_at: Option<Instant> = None;
         loop {
             if env.stop.load(Ordering::Acquire) {
-                return None;
+                return Ok(());
             }
-            let generation = env.hooks.generation();
-            if armed_generation != Some(generation) {
-                plan = DebugPlan::for_triggers(&env.hooks.triggers(), env.precise_mode);
-                if let Err(e) = vcpu.arm_debug(&plan, stepping_over, halting) {
-                    return Some(vcpu.locate(Outcome::internal(e.to_string())));
-                }
-                armed_generation = Some(generation);
-            }
-            if plan.single_step() && !stepping_over && !halting {
+            debug.follow_hooks(&mut vcpu, env)?;
+            if debug.plan.single_step() && !debug.stepping_over && !debug.halting {
                 if let Some((rf, decoded)) = vcpu.next_intercept(env.ram, synced) {
-                    let emulated;
                     if decoded.intercept == Intercept::Hlt {
-                        emulated = Emulated::NotHooked;
                         if rf.regs.rflags & RFLAGS_IF == 0 {
-                            halting = true;
-                            if let Err(e) = vcpu.arm_debug(&plan, stepping_over, halting) {
-                                return Some(vcpu.locate(Outcome::internal(e.to_string())));
-                            }
+                            debug.set_halting(&mut vcpu, true)?;
                         }
                     } else {
+                        let emulated;
                         (vcpu, emulated) = Vcpu::emulate(slot, vcpu, env, rf, &decoded, false);
-                    }
-                    match emulated {
-                        Emulated::NotHooked => {}
-                        Emulated::Done => {
+                        if emulated? {
                             synced = false;
                             continue;
                         }
-                        Emulated::End(outcome) => return Some(vcpu.locate(outcome)),
                     }
                 }
             }
@@ -279,40 +316,13 @@ impl Vcpu {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     vcpu.fd.set_kvm_immediate_exit(0);
-                    lock(env.stats).count_exit("kick");
-                    if env.rip_sampler.is_on() {
-                        if let Ok(regs) = vcpu.fd.get_regs() {
-                            env.rip_sampler.record(regs.rip);
-                        }
-                    }
-                    let request = env.status.probe_request.load(Ordering::Acquire);
-                    if request != env.status.probe_answer.load(Ordering::Relaxed) {
-                        let was_parked = env.status.parked.load(Ordering::Acquire);
-                        let parked = vcpu.parked();
-                        // HLT hooks hear once per halt, when it is first seen.
-                        if parked == Parked::Halted && !was_parked && env.hooks.wants(&EventKind::Hlt) {
-                            let rip = vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                            let mut event = Event::new(env.index, rip, EventKind::Hlt, None);
-                            let result;
-                            (vcpu, result) = unlocked(slot, vcpu, || call_hooks(env, &mut event));
-                            synced = false;
-                            if let Some(outcome) = hook_outcome(result, &mut event) {
-                                return Some(vcpu.locate(outcome));
-                            }
-                        }
-                        env.status.parked.store(parked != Parked::No, Ordering::Release);
-                        env.status.probe_answer.store(request, Ordering::Release);
-                    }
+                    vcpu = Vcpu::kicked(slot, vcpu, env)?;
+                    synced = false;
                     continue;
                 }
-                Err(e) => return Some(vcpu.locate(Outcome::internal(format!("KVM_RUN failed: {e}")))),
+                Err(e) => return Err(Outcome::internal(format!("KVM_RUN failed: {e}"))),
             };
-            if halting {
-                halting = false;
-                if let Err(e) = vcpu.arm_debug(&plan, stepping_over, halting) {
-                    return Some(vcpu.locate(Outcome::internal(e.to_string())));
-                }
-            }
+            debug.set_halting(&mut vcpu, false)?;
             let handled;
             if hooked(&exit, env.hooks) {
                 let rip = vcpu.exit_rip();
@@ -323,37 +333,28 @@ impl Vcpu {
             } else {
                 handled = dispatch(&exit, 0, env, &*vcpu);
             }
-            let (flow, completion) = match handled {
-                Ok(handled) => handled,
-                Err(e) => return Some(vcpu.locate(Outcome::hook_error(e))),
-            };
+            let (flow, completion) = handled.map_err(Outcome::hook_error)?;
             complete(vcpu.fd.get_kvm_run(), &exit, &completion);
             if env.syscall_fixup && matches!(exit, Exit::MsrWrite { index: syscall_fixup::MSR_LSTAR, .. }) {
                 // The guest has its IDT by the time it sets LSTAR; follow its #PF entry.
                 let entry = vcpu.registers().ok().and_then(|rf| syscall_fixup::page_fault_entry(env.ram, &rf));
                 if entry != vcpu.syscall_entry {
                     vcpu.syscall_entry = entry;
-                    if let Err(e) = vcpu.arm_debug(&plan, stepping_over, halting) {
-                        return Some(vcpu.locate(Outcome::internal(e.to_string())));
-                    }
+                    debug.arm(&mut vcpu)?;
                 }
             }
             match flow {
                 Flow::Resume => {}
-                Flow::End(outcome) => return Some(vcpu.locate(outcome)),
+                Flow::End(outcome) => return Err(outcome),
                 Flow::InternalError => {
                     // Where KVM emulates kernel code, a planted int3 arrives as an emulation
                     // failure at the site.
-                    if plan.sites {
+                    if debug.plan.sites {
                         let trapped;
                         (vcpu, trapped) = Vcpu::trapped_site(slot, vcpu, env, synced);
-                        match trapped {
-                            Emulated::Done => {
-                                synced = false;
-                                continue;
-                            }
-                            Emulated::End(outcome) => return Some(vcpu.locate(outcome)),
-                            Emulated::NotHooked => {}
+                        if trapped? {
+                            synced = false;
+                            continue;
                         }
                     }
                     // Instructions KVM's emulator gives up on (hosts that emulate kernel code).
@@ -362,56 +363,40 @@ impl Vcpu {
                     let fallback = emulate::emulate(fd, cpuid, env.ram, env.stats);
                     lock(env.stats).emulation_time += started.elapsed();
                     match fallback {
-                        Fallback::Done => {
-                            synced = false;
-                            continue;
-                        }
-                        Fallback::End(outcome) => return Some(vcpu.locate(outcome)),
-                        Fallback::Unsupported => {}
+                        Fallback::Done => synced = false,
+                        Fallback::End(outcome) => return Err(outcome),
+                        Fallback::Unsupported => return Err(vcpu.internal_error(env.ram)),
                     }
-                    let outcome = vcpu.internal_error(env.ram);
-                    return Some(vcpu.locate(outcome));
                 }
-                Flow::Debug { exception: BP_VECTOR, .. } if plan.sites => {
+                Flow::Debug { exception: BP_VECTOR, .. } if debug.plan.sites => {
                     let trapped;
                     (vcpu, trapped) = Vcpu::trapped_site(slot, vcpu, env, synced);
                     synced = false;
-                    match trapped {
-                        Emulated::Done => {}
-                        Emulated::End(outcome) => return Some(vcpu.locate(outcome)),
+                    if !trapped? {
                         // Not ours: the guest's own breakpoint goes to the guest.
-                        Emulated::NotHooked => {
-                            if let Err(e) = vcpu.reinject_breakpoint() {
-                                return Some(vcpu.locate(Outcome::internal(e.to_string())));
-                            }
-                        }
+                        vcpu.reinject_breakpoint().map_err(internal)?;
                     }
                 }
                 Flow::Debug { pc, .. }
-                    if !stepping_over && vcpu.syscall_entry == Some(pc) && !plan.breakpoints.contains(&pc) =>
+                    if !debug.stepping_over && vcpu.syscall_entry == Some(pc) && !debug.plan.breakpoints.contains(&pc) =>
                 {
                     let completed = vcpu.registers().and_then(|mut rf| syscall_fixup::complete_syscall(&vcpu.fd, env.ram, &mut rf));
                     synced = false;
                     match completed {
                         Ok(true) => *lock(env.stats).emulated.entry("syscall").or_default() += 1,
                         // An ordinary page fault: on into the guest's handler.
-                        Ok(false) => {
-                            stepping_over = true;
-                            if let Err(e) = vcpu.arm_debug(&plan, stepping_over, halting) {
-                                return Some(vcpu.locate(Outcome::internal(e.to_string())));
-                            }
-                        }
-                        Err(e) => return Some(vcpu.locate(Outcome::internal(format!("completing a SYSCALL: {e}")))),
+                        Ok(false) => debug.set_stepping_over(&mut vcpu, true)?,
+                        Err(e) => return Err(Outcome::internal(format!("completing a SYSCALL: {e}"))),
                     }
                 }
                 Flow::Debug { pc, dr6, .. } => {
                     let breakpoint = dr6 & DR6_BREAKPOINTS != 0
-                        || (dr6 & DR6_SINGLE_STEP == 0 && plan.breakpoints.contains(&pc));
-                    let kind = if stepping_over {
+                        || (dr6 & DR6_SINGLE_STEP == 0 && debug.plan.breakpoints.contains(&pc));
+                    let kind = if debug.stepping_over {
                         None
                     } else if breakpoint {
                         Some(EventKind::Breakpoint { address: pc })
-                    } else if plan.step_hooks {
+                    } else if debug.plan.step_hooks {
                         Some(EventKind::Step)
                     } else {
                         None
@@ -421,19 +406,40 @@ impl Vcpu {
                         let result;
                         (vcpu, result) = unlocked(slot, vcpu, || call_hooks(env, &mut event));
                         synced = false;
-                        if let Some(outcome) = hook_outcome(result, &mut event) {
-                            return Some(vcpu.locate(outcome));
-                        }
+                        hook_outcome(result, &mut event)?;
                     }
-                    if stepping_over != breakpoint {
-                        stepping_over = breakpoint;
-                        if let Err(e) = vcpu.arm_debug(&plan, stepping_over, halting) {
-                            return Some(vcpu.locate(Outcome::internal(e.to_string())));
-                        }
-                    }
+                    debug.set_stepping_over(&mut vcpu, breakpoint)?;
                 }
             }
         }
+    }
+
+    /// A kick took the vCPU out of KVM_RUN: takes a RIP sample if sampling is on, and answers
+    /// the supervisor's probe for a parked vCPU (telling HLT hooks about a new halt).
+    fn kicked<'a>(slot: &'a Mutex<Vcpu>, mut vcpu: Guard<'a>, env: &VcpuEnv) -> Result<Guard<'a>, Outcome> {
+        lock(env.stats).count_exit("kick");
+        if env.rip_sampler.is_on() {
+            if let Ok(regs) = vcpu.fd.get_regs() {
+                env.rip_sampler.record(regs.rip);
+            }
+        }
+        let request = env.status.probe_request.load(Ordering::Acquire);
+        if request == env.status.probe_answer.load(Ordering::Relaxed) {
+            return Ok(vcpu);
+        }
+        let was_parked = env.status.parked.load(Ordering::Acquire);
+        let parked = vcpu.parked();
+        // HLT hooks hear once per halt, when it is first seen.
+        if parked == Parked::Halted && !was_parked && env.hooks.wants(&EventKind::Hlt) {
+            let rip = vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+            let mut event = Event::new(env.index, rip, EventKind::Hlt, None);
+            let result;
+            (vcpu, result) = unlocked(slot, vcpu, || call_hooks(env, &mut event));
+            hook_outcome(result, &mut event)?;
+        }
+        env.status.parked.store(parked != Parked::No, Ordering::Release);
+        env.status.probe_answer.store(request, Ordering::Release);
+        Ok(vcpu)
     }
 
     /// Arms KVM_SET_GUEST_DEBUG for `plan`. While `stepping_over` a breakpoint, breakpoints
@@ -506,11 +512,11 @@ impl Vcpu {
     /// The site-trap path: if the vCPU stopped on a planted `int3`, emulates the instruction
     /// it replaced (with hooks, or as the CPU would when no hook wants this one).
     fn trapped_site<'a>(slot: &'a Mutex<Vcpu>, vcpu: Guard<'a>, env: &VcpuEnv, synced: bool) -> (Guard<'a>, Emulated) {
-        let Ok(rf) = vcpu.current_registers(synced) else { return (vcpu, Emulated::NotHooked) };
+        let Ok(rf) = vcpu.current_registers(synced) else { return (vcpu, Ok(false)) };
         let site = env.sites.read().unwrap_or_else(|p| p.into_inner()).get(rf.linear_rip()).map(|s| s.decoded.clone());
         match site {
             Some(decoded) => Vcpu::emulate(slot, vcpu, env, rf, &decoded, true),
-            None => (vcpu, Emulated::NotHooked),
+            None => (vcpu, Ok(false)),
         }
     }
 
@@ -543,11 +549,11 @@ impl Vcpu {
                 Some(precise::cr_write_value(&rf, kind)),
             ),
             Intercept::CrRead { cr, .. } => (EventKind::Cr { cr, write: false, old: precise::cr_value(&rf, cr) }, None),
-            Intercept::Hlt => return (vcpu, Emulated::NotHooked),
+            Intercept::Hlt => return (vcpu, Ok(false)),
         };
         let wanted = env.hooks.wants(&kind);
         if !wanted && !always {
-            return (vcpu, Emulated::NotHooked);
+            return (vcpu, Ok(false));
         }
         {
             let mut stats = lock(env.stats);
@@ -565,8 +571,8 @@ impl Vcpu {
         if wanted {
             let result;
             (vcpu, result) = unlocked(slot, vcpu, || call_hooks(env, &mut event));
-            if let Some(outcome) = hook_outcome(result, &mut event) {
-                return (vcpu, Emulated::End(outcome));
+            if let Err(outcome) = hook_outcome(result, &mut event) {
+                return (vcpu, Err(outcome));
             }
         }
         // A hook that changed registers through the VM changed what the instruction sees.
@@ -574,7 +580,7 @@ impl Vcpu {
         if env.status.register_writes.load(Ordering::Acquire) != writes_before {
             match vcpu.registers() {
                 Ok(fresh) => now = fresh,
-                Err(e) => return (vcpu, Emulated::End(Outcome::internal(e.to_string()))),
+                Err(e) => return (vcpu, Err(internal(e))),
             }
         }
         let mut sregs_changed = false;
@@ -596,8 +602,8 @@ impl Vcpu {
         now.regs.rip = now.regs.rip.wrapping_add(decoded.len);
         let written = if sregs_changed { vcpu.set_registers(&now) } else { vcpu.fd.set_regs(&now.regs).map_err(Error::kvm("SET_REGS")) };
         match written {
-            Ok(()) => (vcpu, Emulated::Done),
-            Err(e) => (vcpu, Emulated::End(Outcome::internal(e.to_string()))),
+            Ok(()) => (vcpu, Ok(true)),
+            Err(e) => (vcpu, Err(internal(e))),
         }
     }
 
