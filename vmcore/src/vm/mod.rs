@@ -206,6 +206,7 @@ impl VmBuilder {
             cpuid_ignored: Mutex::new(Vec::new()),
             changed: Condvar::new(),
             syscall_fixup,
+            retired: reaper::Retired::default(),
         };
         log::debug!(
             "built a VM: {} MiB, {} vCPU(s), precise mode {:?}, SYSCALL completion {}",
@@ -230,7 +231,7 @@ struct Timeline {
 const MAX_TIMELINE_SAMPLES: usize = 4096;
 
 /// Everything the VM's threads share. Field order is drop order: vCPUs and the VM fd close
-/// before guest RAM is unmapped.
+/// before guest RAM is unmapped, and the retired duplicate of the VM fd goes last.
 pub(crate) struct Machine {
     vcpus: Vec<Mutex<Vcpu>>,
     status: Vec<VcpuStatus>,
@@ -260,11 +261,13 @@ pub(crate) struct Machine {
     /// Finish guest SYSCALLs the host leaves in user mode (it needs LSTAR writes to exit).
     syscall_fixup: bool,
     rip_sampler: RipSampler,
+    /// Set as the machine drops; last, so that its close on the reaper is the VM's last.
+    retired: reaper::Retired,
 }
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        reaper::retire(self.vm_fd.as_raw_fd());
+        self.retired = reaper::Retired::duplicate(self.vm_fd.as_raw_fd());
     }
 }
 
