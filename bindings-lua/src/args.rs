@@ -154,8 +154,9 @@ pub(crate) fn outcome(lua: &Lua, o: &Outcome) -> mlua::Result<Table> {
     t.set("detail", o.detail.as_str())?;
     t.set("summary", o.to_string())?;
     t.set("qemu_exit_status", o.qemu_exit_status().map(int))?;
-    // hook_stop: the value the hook passed to ev:stop.
-    t.set("result", crate::hooks::stop_result(lua, o))?;
+    // hook_stop: the key vmcore.lua keeps the value the hook passed to ev:stop under; it
+    // replaces this with that value, as `result`.
+    t.set("result_token", crate::hooks::stop_token(o))?;
     Ok(t)
 }
 

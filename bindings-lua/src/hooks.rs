@@ -12,6 +12,11 @@
 //! (calling the dispatcher `vmcore.lua` passed in, which calls the hook with an event table) until
 //! the helper's [`Msg::Done`] arrives. A VM that never had a Lua hook keeps the direct path.
 //!
+//! While the Lua thread serves a VM's hooks it carries the core's [`ServingHooks`] mark for that
+//! VM, so a hook may stop, pause or close its own VM: the core records the request and the run
+//! unwinds when the hook returns. Calls that would wait for the run (`wait`, `run`, `start`,
+//! `console:expect`) are refused from there instead: the run waits for the hook.
+//!
 //! Closing the VM shuts the door (the shared sender) and drops every request still queued, so a
 //! vCPU waiting for an answer wakes with "the Lua state is gone" and the VM can end.
 //!
@@ -27,9 +32,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-use mlua::{Function, Lua, RegistryKey, Table, Value};
+use mlua::{Function, Lua, Table, Value};
 use vmcore::devices::virtio::net::NetPort;
 use vmcore::hooks::{Event, EventKind, HookError, HookFn, HookId, StopRequest, Trigger};
+use vmcore::vm::ServingHooks;
 use vmcore::{Error, ExitReason, Outcome, Vm};
 
 use crate::args::{self, describe, int};
@@ -207,9 +213,17 @@ struct Answer {
 struct Stop {
     code: Option<u64>,
     detail: String,
-    /// The Lua value passed to `ev:stop`, for `outcome.result`.
-    result: Option<RegistryKey>,
+    /// Where `vmcore.lua` keeps the value passed to `ev:stop` (see [`StopToken`]).
+    token: StopToken,
 }
+
+/// The payload of a `hook_stop` outcome: the key under which `vmcore.lua` keeps the value the
+/// hook passed to `ev:stop`, in a table of the VM's own Lua object. The core keeps outcomes, and
+/// a registry reference held there would be a root for the garbage collector: a result that
+/// refers to its VM (`ev:stop(ev.vm)`, or any table or closure that reaches it) would keep the
+/// VM, and its file descriptors and memory, alive for good. A key in a table only the VM's
+/// object reaches makes a cycle the collector can see and free.
+struct StopToken(i64);
 
 /// The payload of a `hook_error` outcome whose error `run`/`wait` have not raised yet. The first
 /// of them to see the outcome takes it and raises; later looks return the outcome, as in Python.
@@ -264,6 +278,9 @@ pub(crate) struct Pump {
     /// Whether the Lua thread is serving this VM's hooks now (so Lua code running now runs in
     /// one of them, or in something it called).
     pumping: Cell<bool>,
+    /// Whether the door was shut while pumping (a hook closed the VM): the pump then drops what
+    /// is still queued instead of serving it.
+    shut: Cell<bool>,
     /// Whether a static CPUID hook is being served: the core holds the VM's run state then.
     static_cpuid: Cell<bool>,
     /// Exit reasons as Lua strings, made once: in a module, every `&str` passed to Lua is a
@@ -282,6 +299,7 @@ impl Pump {
             next_token: Cell::new(1),
             hooked: Cell::new(false),
             pumping: Cell::new(false),
+            shut: Cell::new(false),
             static_cpuid: Cell::new(false),
             reasons: RefCell::new(HashMap::new()),
         }
@@ -328,34 +346,48 @@ impl Pump {
         Ok(())
     }
 
-    /// Refuses calls that would wait for this VM's vCPUs while the Lua thread serves its hooks:
-    /// the vCPU that called the hook waits for it, so they would wait for each other.
-    pub(crate) fn refuse_in_hook(&self, what: &str) -> Res<()> {
-        if self.pumping.get() {
-            return Err(Error::State(format!(
-                "cannot {what} from inside one of its hooks: the vCPU waits for the hook to return \
-                 (call ev:stop(...) to end the run)"
-            ))
-            .into());
-        }
-        Ok(())
+    /// The core's mark that this thread runs one of `vm`'s hooks, if Lua code running now runs
+    /// inside one of them (or a packet filter): then a stop, pause or close of `vm` only records
+    /// the request. The pump already holds the mark while it serves; it is entered again here for
+    /// a hook that runs inside another VM's wait (a hook of this VM called `other:run()`, whose
+    /// hook called this VM's `stop`), where the thread carries the other VM's mark.
+    pub(crate) fn serving(&self, vm: &Vm) -> Option<ServingHooks> {
+        self.pumping.get().then(|| vm.serving_hooks())
     }
 
     /// Makes a core call that may wait for hooks: directly if this VM never had a Lua hook,
-    /// otherwise on a helper thread while this thread serves hook requests with `dispatch`.
+    /// otherwise on a helper thread while this thread serves hook requests with `dispatch`. From
+    /// inside one of this VM's hooks, `from_hook` says whether the call is made at once or
+    /// refused.
     pub(crate) fn pumped<T: Send>(
         &self,
         lua: &Lua,
         dispatch: &Value,
         vm: &Vm,
         what: &str,
+        from_hook: FromHook,
         call: impl FnOnce(&Vm) -> T + Send,
     ) -> Res<T> {
         if !self.hooked.get() {
             return Ok(call(vm));
         }
-        self.refuse_in_hook(what)?;
+        if let Some(_serving) = self.serving(vm) {
+            // The vCPU that called the hook waits for it to return: a call that waited for the
+            // run would wait for itself.
+            return match from_hook {
+                FromHook::Record => Ok(call(vm)),
+                FromHook::Refuse => Err(Error::State(format!(
+                    "cannot {what} from inside one of its hooks: the run waits for the hook to return \
+                     (vm:stop(), vm:pause() and vm:close() take effect when it does)"
+                ))
+                .into()),
+            };
+        }
         let _pumping = Raised::new(&self.pumping);
+        // Every hook served below runs on this thread, which the core must know, so that a stop,
+        // pause or close from the hook does not wait for the run that waits for the hook. Lua
+        // runs nothing else on this thread until the call returns, so the mark covers the loop.
+        let _serving = vm.serving_hooks();
         std::thread::scope(|scope| {
             // The guard is made on the helper itself: if the thread cannot start, no Done is
             // queued for a later pump to mistake for its own.
@@ -370,9 +402,12 @@ impl Pump {
             // The helper's Done ends the loop; `self.done` keeps the channel open until then.
             loop {
                 match receive(&self.rx) {
+                    Ok(Msg::Done) | Err(_) => break,
+                    // A hook closed the VM: what is still queued is dropped unserved, which tells
+                    // its vCPU or device that the Lua state is gone.
+                    Ok(_) if self.shut.get() => {}
                     Ok(Msg::Hook(request)) => self.serve(lua, dispatch, request),
                     Ok(Msg::Packet(request)) => self.serve_packet(lua, dispatch, request),
-                    Ok(Msg::Done) | Err(_) => break,
                 }
             }
             helper.join().map_err(|_| Fail::from(Error::State(format!("the thread that went to {what} failed"))))
@@ -430,7 +465,7 @@ impl Pump {
                 let called = lua.create_string(&request.frame).and_then(|frame| {
                     f.call::<Answered>((int(request.token), PACKET_CODE, 0i64, 0i64, Value::Nil, Value::Nil, frame))
                 });
-                match called.map_err(|e| e.to_string()).and_then(|out| answer(lua, out)) {
+                match called.map_err(|e| e.to_string()).and_then(answer) {
                     Ok(answer) => Reply::Answer(answer),
                     Err(message) => Reply::Failed(message),
                 }
@@ -441,9 +476,15 @@ impl Pump {
     }
 
     /// Shuts the door and drops every queued request, waking the vCPUs that wait on them with
-    /// an error. After this no hook can wait for Lua.
+    /// an error. After this no hook can wait for Lua. From inside a hook the queue is left to
+    /// the pump, which drops requests from now on: draining here could swallow the `Done` of
+    /// the call the pump serves, and the pump would then wait for ever.
     pub(crate) fn close(&self) {
         open(&self.door).take();
+        if self.pumping.get() {
+            self.shut.set(true);
+            return;
+        }
         while let Ok(msg) = self.rx.try_recv() {
             drop(msg);
         }
@@ -454,6 +495,14 @@ impl Drop for Pump {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// What a pumped call does when Lua code inside one of its VM's hooks makes it.
+pub(crate) enum FromHook {
+    /// It would wait for the run, which waits for the hook: refused with an error.
+    Refuse,
+    /// The core only records the request (stop, pause) and returns: made at once.
+    Record,
 }
 
 /// The core callback of a Lua hook: sends the event to the Lua thread and applies its answer.
@@ -487,8 +536,8 @@ fn callback(token: u64, door: Door) -> HookFn {
                     ev.veto();
                 }
                 if let Some(stop) = answer.stop {
-                    let payload = stop.result.map(|key| Box::new(key) as Box<dyn Any + Send>);
-                    ev.stop(StopRequest { code: stop.code, detail: stop.detail, payload });
+                    let payload: Box<dyn Any + Send> = Box::new(stop.token);
+                    ev.stop(StopRequest { code: stop.code, detail: stop.detail, payload: Some(payload) });
                 }
                 Ok(())
             }
@@ -502,7 +551,7 @@ impl Pump {
     /// Calls the dispatcher with the event and reads its answer.
     fn ask(&self, lua: &Lua, dispatch: &Function, r: &Request) -> Reply {
         let called = self.call_dispatcher(lua, dispatch, r).map_err(|e| e.to_string());
-        match called.and_then(|out| answer(lua, out)) {
+        match called.and_then(answer) {
             Ok(answer) => Reply::Answer(answer),
             Err(message) => Reply::Failed(message),
         }
@@ -578,10 +627,11 @@ fn kind_code(kind: &EventKind) -> i64 {
 
 /// What the dispatcher returns: `true, value` when the hook decided nothing else, or
 /// `true, value, vetoed, stopped, result, detail, eax, ebx, ecx, edx` (it has checked their
-/// types), or `false, message`.
+/// types; `stopped` is `false` or the [`StopToken`] it keeps `result` under), or
+/// `false, message`.
 type Answered = (Value, Value, Value, Value, Value, Value, Value, Value, Value, Value);
 
-fn answer(lua: &Lua, out: Answered) -> Result<Answer, String> {
+fn answer(out: Answered) -> Result<Answer, String> {
     let (ok, value, vetoed, stopped, result, detail, eax, ebx, ecx, edx) = out;
     if !matches!(ok, Value::Boolean(true)) {
         return Err(match value {
@@ -605,19 +655,15 @@ fn answer(lua: &Lua, out: Answered) -> Result<Answer, String> {
             Some(regs)
         }
     };
-    let stop = if matches!(stopped, Value::Boolean(true)) {
-        let detail = match detail {
-            Value::String(s) => s.to_string_lossy(),
-            _ => "stopped by a hook".to_string(),
-        };
-        let code = whole(&result);
-        let key = match result {
-            Value::Nil => None,
-            v => Some(lua.create_registry_value(v).map_err(|e| e.to_string())?),
-        };
-        Some(Stop { code, detail, result: key })
-    } else {
-        None
+    let stop = match stopped {
+        Value::Integer(token) => {
+            let detail = match detail {
+                Value::String(s) => s.to_string_lossy(),
+                _ => "stopped by a hook".to_string(),
+            };
+            Some(Stop { code: whole(&result), detail, token: StopToken(token) })
+        }
+        _ => None,
     };
     Ok(Answer { value, cpuid, veto: matches!(vetoed, Value::Boolean(true)), stop })
 }
@@ -643,10 +689,11 @@ pub(crate) fn raise_hook_error(o: &Outcome) -> Res<()> {
     Ok(())
 }
 
-/// The Lua value a hook passed to `ev:stop`, if the outcome carries one.
-pub(crate) fn stop_result(lua: &Lua, o: &Outcome) -> Option<Value> {
+/// The key `vmcore.lua` keeps the value a hook passed to `ev:stop` under, if the outcome is
+/// such a stop (see [`StopToken`]).
+pub(crate) fn stop_token(o: &Outcome) -> Option<i64> {
     let payload = o.payload.as_ref()?;
-    payload.peek(|p| p.and_then(|p| p.downcast_ref::<RegistryKey>()).and_then(|k| lua.registry_value::<Value>(k).ok()))
+    payload.peek(|p| p.and_then(|p| p.downcast_ref::<StopToken>()).map(|t| t.0))
 }
 
 /// Reads a non-negative integer no larger than `max`.

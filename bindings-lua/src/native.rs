@@ -2,8 +2,8 @@
 //!
 //! Each method converts its arguments (`args`), makes one core call, and converts the result.
 //! Methods return `true, results...` or `false, "vmcore.<Kind>: message"` (see `fail`). Calls that
-//! wait for the guest (`start`, `wait`, `run`, `stop`, `console_expect`) take the hook dispatcher
-//! from `vmcore.lua` as their last argument and wait through the pump (`hooks`).
+//! wait for the guest (`start`, `wait`, `run`, `stop`, `pause`, `console_expect`) take the hook
+//! dispatcher from `vmcore.lua` as their last argument and wait through the pump (`hooks`).
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -16,21 +16,20 @@ use vmcore::console::Tee;
 use vmcore::devices::virtio::net::{format_mac, parse_mac, NetOptions, NetPort};
 use vmcore::devices::virtio::VirtioInfo;
 use vmcore::memory::parse_size;
-use vmcore::{CpuMode, Error, Vm, VmBuilder};
+use vmcore::{CpuMode, Error, Vm, VmBuilder, VmState};
 
 use crate::args::{self, describe, int};
 use crate::fail::{bad, core, reply, Res};
-use crate::hooks::{raise_hook_error, Pump};
+use crate::hooks::{raise_hook_error, FromHook, Pump};
 
 /// `expect` waits this long when no timeout is given, as in Python.
 const DEFAULT_EXPECT_SECONDS: f64 = 10.0;
 /// Where `load_flat` puts code by default (the guests' link address for protected/long mode).
 const DEFAULT_LOAD_ADDRESS: u64 = 0x10_0000;
 
-/// One VM. `None` once closed: closing shuts the hook pump (so no vCPU waits for Lua any more),
-/// then drops the core `Vm`, whose `Drop` stops the run and joins its threads, and then its file
-/// descriptors and guest RAM go. The garbage collector drops it the same way (mlua's `__gc` drops
-/// the Rust value). The `Vm` is shared with the helper thread of a pumped call while that runs.
+/// One VM. `None` once closed (see `close`). The garbage collector closes it the same way
+/// (mlua's `__gc` drops the Rust value). The `Vm` is shared with the helper thread of a pumped
+/// call while that runs.
 pub(crate) struct NativeVm {
     vm: RefCell<Option<Arc<Vm>>>,
     pump: Pump,
@@ -38,8 +37,7 @@ pub(crate) struct NativeVm {
 
 impl Drop for NativeVm {
     fn drop(&mut self) {
-        self.pump.close();
-        drop(self.vm.get_mut().take());
+        self.close();
     }
 }
 
@@ -48,13 +46,32 @@ impl NativeVm {
         self.vm.borrow().clone().ok_or_else(|| Error::State("the VM is closed".into()).into())
     }
 
-    fn close(&self) -> Res<()> {
-        self.pump.refuse_in_hook("close the VM")?;
+    /// Shuts the hook pump, so no vCPU waits for Lua any more, then closes the core `Vm`, which
+    /// stops the run and joins its threads; its file descriptors and guest RAM go with the last
+    /// reference. From one of its hooks the core only records the close and the run unwinds when
+    /// the hook returns; the call that serves the hook holds the last reference until then.
+    fn close(&self) {
+        let Some(vm) = self.vm.borrow_mut().take() else { return };
         self.pump.close();
-        let vm = self.vm.borrow_mut().take();
-        // Dropping the core Vm stops it and joins its threads.
-        drop(vm);
-        Ok(())
+        let _serving = self.pump.serving(&vm);
+        vm.close();
+    }
+
+    /// Makes a core call that may wait for the guest through the hook pump (see `Pump::pumped`).
+    fn pumped<T: Send>(
+        &self,
+        lua: &Lua,
+        dispatch: &Value,
+        what: &str,
+        from_hook: FromHook,
+        call: impl FnOnce(&Vm) -> T + Send,
+    ) -> Res<T> {
+        self.pump.pumped(lua, dispatch, &*self.get()?, what, from_hook, call)
+    }
+
+    /// "created", "loaded", "running", "paused", "ended" or "closed".
+    fn state(&self) -> &'static str {
+        self.vm.borrow().as_ref().map_or(VmState::Closed.name(), |vm| vm.state().name())
     }
 
     fn build(opts: &Value) -> Res<NativeVm> {
@@ -308,11 +325,13 @@ impl UserData for NativeVm {
     fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
         method(m, "memory_size", |_, this, ()| Ok(int(this.get()?.memory_size())));
         method(m, "vcpu_count", |_, this, ()| Ok(this.get()?.vcpu_count() as i64));
+        method(m, "breakpoint_capacity", |_, this, ()| Ok(this.get()?.breakpoint_capacity() as i64));
         method(m, "is_running", |_, this, ()| {
             this.pump.refuse_in_static_cpuid("ask whether the VM is running")?;
             Ok(this.get()?.is_running())
         });
         method(m, "closed", |_, this, ()| Ok(this.vm.borrow().is_none()));
+        method(m, "state", |_, this, ()| Ok(this.state()));
         method(m, "outcome", |lua, this, ()| {
             this.pump.refuse_in_static_cpuid("read the outcome")?;
             Ok(this.get()?.outcome().map(|o| args::outcome(lua, &o)).transpose()?)
@@ -374,11 +393,11 @@ impl UserData for NativeVm {
         // (once: afterwards the outcome is returned, as by vm.outcome and stop).
         method(m, "start", |lua, this, (t, dispatch): (Value, Value)| {
             let t = args::timeout(&t, "start timeout")?;
-            core(this.pump.pumped(lua, &dispatch, &*this.get()?, "start the VM", |vm| vm.start(t))?)
+            core(this.pumped(lua, &dispatch, "start the VM", FromHook::Refuse, |vm| vm.start(t))?)
         });
         method(m, "wait", |lua, this, (t, dispatch): (Value, Value)| {
             let t = args::timeout(&t, "wait timeout")?;
-            let outcome = core(this.pump.pumped(lua, &dispatch, &*this.get()?, "wait for the VM", |vm| vm.wait(t))?)?;
+            let outcome = core(this.pumped(lua, &dispatch, "wait for the VM", FromHook::Refuse, |vm| vm.wait(t))?)?;
             if let Some(o) = &outcome {
                 raise_hook_error(o)?;
             }
@@ -386,15 +405,26 @@ impl UserData for NativeVm {
         });
         method(m, "run", |lua, this, (t, dispatch): (Value, Value)| {
             let t = args::timeout(&t, "run timeout")?;
-            let outcome = core(this.pump.pumped(lua, &dispatch, &*this.get()?, "run the VM", |vm| vm.run(t))?)?;
+            let outcome = core(this.pumped(lua, &dispatch, "run the VM", FromHook::Refuse, |vm| vm.run(t))?)?;
             raise_hook_error(&outcome)?;
             Ok(args::outcome(lua, &outcome)?)
         });
+        // From a hook of this VM, stop and pause take effect when the hook returns (stop then
+        // returns nil: the run has not ended yet).
         method(m, "stop", |lua, this, dispatch: Value| {
-            let outcome = core(this.pump.pumped(lua, &dispatch, &*this.get()?, "stop the VM", |vm| vm.stop())?)?;
+            let outcome = core(this.pumped(lua, &dispatch, "stop the VM", FromHook::Record, |vm| vm.stop())?)?;
             Ok(outcome.map(|o| args::outcome(lua, &o)).transpose()?)
         });
-        method(m, "close", |_, this, ()| this.close());
+        method(m, "pause", |lua, this, dispatch: Value| {
+            core(this.pumped(lua, &dispatch, "pause the VM", FromHook::Record, |vm| vm.pause())?)
+        });
+        // Only starts the vCPUs (no static CPUID hooks run: the VM has run before), so nothing
+        // here waits for a hook.
+        method(m, "resume", |_, this, ()| core(this.get()?.resume()));
+        method(m, "close", |_, this, ()| {
+            this.close();
+            Ok(())
+        });
 
         method(m, "add_hook", |_, this, (kind, params, opts): (Value, Value, Value)| {
             this.pump.add(&*this.get()?, &kind, &params, &opts)
@@ -433,7 +463,7 @@ impl UserData for NativeVm {
             let forever = Duration::from_secs_f64(args::FOREVER_SECONDS);
             let t = args::timeout(&t, "expect timeout")?.unwrap_or(forever);
             let console = this.console(&port)?;
-            let found = core(this.pump.pumped(lua, &dispatch, &*this.get()?, "wait for console output", |_| {
+            let found = core(this.pumped(lua, &dispatch, "wait for console output", FromHook::Refuse, |_| {
                 console.expect(&pattern, t)
             })?)?;
             Ok(match_table(lua, found)?)

@@ -20,7 +20,7 @@ end
 
 -- Private keys of the objects below, unreachable from outside this file.
 local NATIVE, INDEX, REGS, CONSOLE, VCPUS = {}, {}, {}, {}, {}
-local HOOKS, DISPATCH, VM, VETOED, STOPPED, RESULT = {}, {}, {}, {}, {}, {}
+local HOOKS, RESULTS, DISPATCH, VM, VETOED, STOPPED, RESULT = {}, {}, {}, {}, {}, {}, {}
 
 local M = {
   version = native.version,
@@ -78,9 +78,17 @@ local Outcome = { __name = "vmcore.Outcome" }
 function Outcome.__tostring(o)
   return o.summary
 end
-local function outcome(t)
+
+-- The outcome `t` of VM `vm` (a native table, or nil). A hook_stop outcome carries the key under
+-- which the VM keeps the value passed to ev:stop (see RESULTS in M.Vm); it becomes `result`.
+local function outcome(vm, t)
   if t == nil then
     return nil
+  end
+  local token = t.result_token
+  if token ~= nil then
+    t.result_token = nil
+    t.result = rawget(vm, RESULTS)[token]
   end
   return setmetatable(t, Outcome)
 end
@@ -221,6 +229,12 @@ function vm_fields.vcpu_count(self)
   return check(rawget(self, NATIVE):vcpu_count())
 end
 
+--- How many breakpoint addresses hooks may use: x86's four debug registers, less the one vmcore
+--- needs on hosts whose KVM leaves SYSCALLs half done.
+function vm_fields.breakpoint_capacity(self)
+  return check(rawget(self, NATIVE):breakpoint_capacity())
+end
+
 function vm_fields.is_running(self)
   return check(rawget(self, NATIVE):is_running())
 end
@@ -230,14 +244,19 @@ function vm_fields.closed(self)
 end
 
 function vm_fields.outcome(self)
-  return outcome(check(rawget(self, NATIVE):outcome()))
+  return outcome(self, check(rawget(self, NATIVE):outcome()))
+end
+
+--- "created", "loaded", "running", "paused", "ended" or "closed".
+function vm_fields.state(self)
+  return check(rawget(self, NATIVE):state())
 end
 
 -- Methods whose results need no shaping.
 for _, name in ipairs({
   "load_flat", "load_elf", "load_multiboot", "load_kernel", "load_linux", "add_fw_cfg_file",
   "read_phys", "write_phys", "read_virt", "write_virt",
-  "translate", "stats", "close", "cpuid_ignored",
+  "translate", "stats", "cpuid_ignored",
   "sample_rip", "rip_samples", "clear_rip_samples", "profile",
 }) do
   vm_methods[name] = function(self, ...)
@@ -246,26 +265,80 @@ for _, name in ipairs({
   end
 end
 
+-- Before a run starts, drops the ev:stop results no outcome can show any more: all but the one
+-- the current outcome shows, which stays if the start is refused. While the VM runs nothing is
+-- dropped (a start is refused then, and the run's own hooks may have stopped it).
+local function forget_results(self, handle)
+  local results = rawget(self, RESULTS)
+  if next(results) == nil or select(2, handle:state()) == "running" then
+    return
+  end
+  local ok, last = handle:outcome()
+  if not ok then
+    return
+  end
+  local kept = last and last.result_token
+  for token in pairs(results) do
+    if token ~= kept then
+      results[token] = nil
+    end
+  end
+end
+
 -- Calls that wait for the guest serve its hooks meanwhile: they hand the native side this VM's
 -- hook dispatcher. run and wait return an outcome (or nil), and raise a hook's error.
 function vm_methods.start(self, timeout)
   local handle = native_of(self, Vm, "start")
+  forget_results(self, handle)
   check(handle:start(timeout, rawget(self, DISPATCH)))
 end
 
 function vm_methods.run(self, timeout)
   local handle = native_of(self, Vm, "run")
-  return outcome(check(handle:run(timeout, rawget(self, DISPATCH))))
+  forget_results(self, handle)
+  return outcome(self, check(handle:run(timeout, rawget(self, DISPATCH))))
 end
 
 function vm_methods.wait(self, timeout)
   local handle = native_of(self, Vm, "wait")
-  return outcome(check(handle:wait(timeout, rawget(self, DISPATCH))))
+  return outcome(self, check(handle:wait(timeout, rawget(self, DISPATCH))))
 end
 
+--- Ends a running or paused VM ("stopped"); returns the last outcome, or nil if it never ran. From
+--- one of its hooks it returns nil at once and the run ends when the hook returns.
 function vm_methods.stop(self)
   local handle = native_of(self, Vm, "stop")
-  return outcome(check(handle:stop(rawget(self, DISPATCH))))
+  return outcome(self, check(handle:stop(rawget(self, DISPATCH))))
+end
+
+--- Pauses a running VM: whoever waits for the run gets outcome "paused", and resume() or the next
+--- start/run continues the same guest. From one of its hooks it takes effect when the hook returns.
+function vm_methods.pause(self)
+  local handle = native_of(self, Vm, "pause")
+  check(handle:pause(rawget(self, DISPATCH)))
+end
+
+--- Continues a paused VM with what was left of its run's timeout.
+function vm_methods.resume(self)
+  local handle = native_of(self, Vm, "resume")
+  forget_results(self, handle)
+  check(handle:resume())
+end
+
+-- Empties a table in place (the dispatcher holds the same table).
+local function clear(t)
+  for k in pairs(t) do
+    t[k] = nil
+  end
+end
+
+--- Stops the VM for good and frees it; idempotent. From one of its hooks the run ends when the
+--- hook returns. The Lua values it held (hooks, filters, ev:stop results) go at once.
+function vm_methods.close(self)
+  local handle = native_of(self, Vm, "close")
+  check(handle:close())
+  clear(rawget(self, HOOKS))
+  clear(rawget(self, RESULTS))
 end
 
 ---------------------------------------------------------------------------------------------
@@ -371,7 +444,10 @@ local KINDS = { "io", "mmio", "msr", "cpuid", "cr", "breakpoint", "step", "hlt",
 
 -- The dispatcher of one VM: called by the native side with a hook id and the event's fields
 -- (see `operands` in hooks.rs); calls the hook and returns its decisions (see `answer` there).
-local function dispatcher(vm, hooks)
+-- The value a hook passes to ev:stop goes into `results` under a new token, which the native
+-- side hands back in the outcome.
+local function dispatcher(vm, hooks, results)
+  local last_token = 0
   return function(id, code, vcpu, rip, value, instruction, a, b, c)
     local fn = hooks[id]
     if fn == nil then
@@ -446,11 +522,14 @@ local function dispatcher(vm, hooks)
     if not (vetoed or stopped or eax) then
       return true, value
     end
-    local result, detail = rawget(ev, RESULT), nil
+    local result, detail, token = rawget(ev, RESULT), nil, false
     if stopped then
       detail = result == nil and "stopped by a hook" or error_message(result)
+      last_token = last_token + 1
+      token = last_token
+      results[token] = result
     end
-    return true, value, vetoed, stopped, result, detail, eax, ebx, ecx, edx
+    return true, value, vetoed, token, result, detail, eax, ebx, ecx, edx
   end
 end
 
@@ -628,25 +707,19 @@ function vm_fields.virtio_devices(self)
 end
 
 -- `local vm <close> = vmcore.Vm{}` closes the VM when `vm` goes out of scope.
-function Vm.__close(self)
-  rawget(self, NATIVE):close()
-end
+Vm.__close = vm_methods.close
 
 function Vm.__tostring(self)
   local handle = rawget(self, NATIVE)
-  local _, closed = handle:closed()
-  if closed then
+  local _, state = handle:state()
+  if state == "closed" then
     return "vmcore.Vm (closed)"
   end
   local _, size = handle:memory_size()
   local _, count = handle:vcpu_count()
-  local _, running = handle:is_running()
-  local state = "ready"
-  if running then
-    state = "running"
-  else
-    local _, last = handle:outcome()
-    if last then
+  if state == "ended" or state == "paused" then
+    local ok, last = handle:outcome()
+    if ok and last then
       state = last.summary
     end
   end
@@ -660,11 +733,14 @@ end
 function M.Vm(opts)
   local handle = check(native.new_vm(opts))
   local count = check(handle:vcpu_count())
-  -- The hooks and the dispatcher are reachable from the VM only (never from the registry), so
-  -- a hook that refers to its VM does not keep it from being collected.
-  local hooks = {}
-  local vm = { [NATIVE] = handle, [VCPUS] = vcpu_list(handle, count), [HOOKS] = hooks }
-  local dispatch = dispatcher(vm, hooks)
+  -- Every Lua value the VM holds is reachable from this table only, never from the registry or
+  -- from Rust: the hooks and packet filters (HOOKS), the values hooks passed to ev:stop (RESULTS,
+  -- which the core's outcome names by token) and the dispatcher. A hook or a result that refers
+  -- to its VM then makes a cycle the collector sees, and a VM nothing else refers to is freed.
+  -- (A registry reference would be a root: the VM would live, with its fds and memory, for good.)
+  local hooks, results = {}, {}
+  local vm = { [NATIVE] = handle, [VCPUS] = vcpu_list(handle, count), [HOOKS] = hooks, [RESULTS] = results }
+  local dispatch = dispatcher(vm, hooks, results)
   vm[DISPATCH] = dispatch
   vm[CONSOLE] = setmetatable({ [NATIVE] = handle, [DISPATCH] = dispatch }, Console)
   return setmetatable(vm, Vm)

@@ -146,6 +146,19 @@ local function count_entries(dir)
   return n
 end
 
+-- How many of this process's threads are closing a dropped VM's fd (vmcore/src/vm/reaper.rs).
+local function reapers()
+  local p = assert(io.popen("cat /proc/" .. helper.pid .. "/task/*/comm 2>/dev/null"))
+  local n = 0
+  for name in p:lines() do
+    if name == "vmcore-reaper" then
+      n = n + 1
+    end
+  end
+  p:close()
+  return n
+end
+
 --- The number of threads and open file descriptors of this process.
 function helper.resources(expected)
   local function now_counted()
@@ -154,12 +167,31 @@ function helper.resources(expected)
       fds = count_entries("/proc/" .. helper.pid .. "/fd"),
     }
   end
-  -- A joined thread leaves /proc/<pid>/task a moment after pthread_join returns, so a count
-  -- expected to be back to `expected` gets up to a second to settle.
+  local monotonic = helper.vmcore.monotonic
   local counted = now_counted()
-  local deadline = require("vmcore").monotonic() + 1
-  while expected and (counted.threads ~= expected.threads or counted.fds ~= expected.fds)
-    and require("vmcore").monotonic() < deadline do
+  local deadline = monotonic() + 2
+  if not expected then
+    -- A dropped VM's fd is closed on a reaper thread that holds a copy of it for the kernel's
+    -- tens of milliseconds, and the kernel's own thread for that VM (kvm-nx-lpage-recovery)
+    -- leaves with it: a baseline taken meanwhile would count threads and an fd that are gone
+    -- by the time it is compared. So a baseline waits (up to 2 s) until no reaper runs and two
+    -- counts in a row agree.
+    while monotonic() < deadline do
+      os.execute("sleep 0.01")
+      local again = now_counted()
+      local settled = again.threads == counted.threads and again.fds == counted.fds and reapers() == 0
+      counted = again
+      if settled then
+        break
+      end
+    end
+    return counted
+  end
+  -- A joined thread leaves /proc/<pid>/task a moment after pthread_join returns, and a reaper
+  -- closes a VM's fd after the VM is gone, so a count expected to be back to `expected` gets up
+  -- to two seconds to settle.
+  while (counted.threads ~= expected.threads or counted.fds ~= expected.fds)
+    and monotonic() < deadline do
     os.execute("sleep 0.01")
     counted = now_counted()
   end

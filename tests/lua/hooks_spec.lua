@@ -365,11 +365,14 @@ describe("hooks", function()
 
   it("checks hook limits", function()
     new_vm()
-    for address = 0, 3 do
+    -- Four debug registers, less the one SYSCALL completion holds where the host needs it.
+    local capacity = vm.breakpoint_capacity
+    assert.is_true(capacity == 3 or capacity == 4)
+    for address = 1, capacity do
       vm:on_breakpoint(0x100000 + address, function() end)
     end
     local none = function() end
-    assert.matches("^vmcore%.ConfigError: .*at most 4", helper.error_of(vm.on_breakpoint, vm, 0x200000, none))
+    assert.matches("^vmcore%.ConfigError: .*at most " .. capacity, helper.error_of(vm.on_breakpoint, vm, 0x200000, none))
     assert.matches("^vmcore%.ConfigError: .*CR5", helper.error_of(vm.on_cr, vm, 5, none))
     vm:load_flat(helper.guest("hello-long.bin"))
     vm:run({ timeout = 5 })
@@ -447,11 +450,11 @@ describe("hooks", function()
       assert.are.equal(#"hello from long mode\n", calls)
     end)
 
-    it("refuses to wait for, stop or close a VM from its own hook", function()
+    it("refuses to wait for or start a VM from its own hook", function()
       new_vm()
       local errors = {}
       vm:on_io(0x3F8, { write = true }, function(ev)
-        for _, call in ipairs({ "wait", "stop", "close", "run", "start" }) do
+        for _, call in ipairs({ "wait", "run", "start" }) do
           errors[call] = select(2, pcall(vm[call], vm))
         end
         errors.expect = select(2, pcall(vm.console.expect, vm.console, "x", 1))
@@ -459,7 +462,7 @@ describe("hooks", function()
       end)
       vm:load_flat(helper.guest("hello-long.bin"))
       assert.are.equal("hook_stop", vm:run({ timeout = 5 }).reason)
-      for _, call in ipairs({ "wait", "stop", "close", "run", "start", "expect" }) do
+      for _, call in ipairs({ "wait", "run", "start", "expect" }) do
         assert.matches("^vmcore%.VmStateError: cannot .* from inside one of its hooks", errors[call], nil, call)
       end
     end)
