@@ -42,13 +42,62 @@ pub fn install() -> Result<()> {
         .map_err(|e| Error::State(format!("cannot install the vCPU kick signal handler: {e}")))
 }
 
-/// While alive, kicks delivered to this thread set `immediate_exit` in `run`.
+/// While alive, kicks delivered to this thread set `immediate_exit` in `run`. Arming also
+/// unblocks the kick signal in this thread (see [`KicksBlocked`]): by then the thread-local the
+/// handler reads exists.
 pub struct ArmedThread(());
 
 impl ArmedThread {
     pub fn arm(run: &mut kvm_run) -> ArmedThread {
         THREAD_KVM_RUN.with(|c| c.set(run as *mut kvm_run));
+        set_kick_mask(libc::SIG_UNBLOCK);
         ArmedThread(())
+    }
+}
+
+/// Keeps the kick signal blocked in the calling thread while alive, so that threads spawned
+/// meanwhile (vCPU threads) start with it blocked and take it only once armed.
+///
+/// Why: where vmcore is loaded with `dlopen` (the Python and Lua modules), a thread's first use
+/// of a thread-local allocates it with `malloc`. A kick that reached a vCPU thread before its
+/// first use, while that thread was inside `malloc`, made the handler's thread-local read call
+/// `malloc` again and deadlock on its lock (found by the Lua lifecycle stress test: 1 hang in
+/// about 70 runs). A kick sent before arming stays pending and lands right after it, so none is
+/// lost.
+pub struct KicksBlocked {
+    previous: libc::sigset_t,
+}
+
+impl KicksBlocked {
+    pub fn block() -> KicksBlocked {
+        // SAFETY: sigemptyset/sigaddset write the local set; pthread_sigmask changes only this
+        // thread's mask and writes the old one into `previous`, which it fully initializes.
+        unsafe {
+            let mut kick: libc::sigset_t = std::mem::zeroed();
+            let mut previous: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut kick);
+            libc::sigaddset(&mut kick, kick_signal());
+            libc::pthread_sigmask(libc::SIG_BLOCK, &kick, &mut previous);
+            KicksBlocked { previous }
+        }
+    }
+}
+
+impl Drop for KicksBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores this thread's mask to the one saved in `block`.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.previous, ptr::null_mut()) };
+    }
+}
+
+/// Blocks or unblocks (`how`) the kick signal in the calling thread.
+fn set_kick_mask(how: c_int) {
+    // SAFETY: as in `KicksBlocked::block`, on a local set; only this thread's mask changes.
+    unsafe {
+        let mut kick: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut kick);
+        libc::sigaddset(&mut kick, kick_signal());
+        libc::pthread_sigmask(how, &kick, ptr::null_mut());
     }
 }
 

@@ -99,6 +99,8 @@ fn reap(vcpus: Vec<Option<JoinHandle<()>>>) {
 }
 
 pub(super) fn spawn_vcpus(machine: &Arc<Machine>) -> Vec<Option<JoinHandle<()>>> {
+    // The threads inherit the blocked kick; each unblocks it when it arms (see KicksBlocked).
+    let _blocked = kick::KicksBlocked::block();
     (0..machine.vcpus.len())
         .map(|index| {
             let m = machine.clone();
