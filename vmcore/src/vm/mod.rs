@@ -1,9 +1,10 @@
-//! VM lifecycle: build a machine, load an image, start, wait, stop.
+//! VM lifecycle: build a machine, load an image, start, pause, resume, wait, stop, close (the
+//! states are in `state`).
 //!
 //! Each run has one supervisor thread and one thread per vCPU. The supervisor starts the vCPU
 //! threads, enforces the timeout, notices when every vCPU is halted with interrupts off, and
-//! kicks vCPU threads out of KVM_RUN when the run must end (see `cpu::kick`). The first vCPU
-//! or caller to ask for an end decides the [`Outcome`].
+//! kicks vCPU threads out of KVM_RUN when the run must end or pause (see `cpu::kick`). The
+//! first vCPU or caller to ask for an end decides the [`Outcome`].
 
 mod msr_filter;
 mod reaper;
@@ -232,6 +233,13 @@ const MAX_TIMELINE_SAMPLES: usize = 4096;
 
 /// Everything the VM's threads share. Field order is drop order: vCPUs and the VM fd close
 /// before guest RAM is unmapped, and the retired duplicate of the VM fd goes last.
+///
+/// Lock order: `run` may be held while taking any other lock, and nothing else is held while
+/// taking `run`. A vCPU's lock is held while it runs and released around hooks; under it only
+/// leaf locks are taken (`stats`, `sites` for reading, the buses' devices). `stats`,
+/// `timeline`, `msr_filter`, `cpuid_ignored` and `code` are leaves: nothing is locked while one
+/// is held. No lock is held across a thread join or a wait for a run (a `Condvar` wait on
+/// `run` releases it).
 pub(crate) struct Machine {
     vcpus: Vec<Mutex<Vcpu>>,
     status: Vec<VcpuStatus>,
