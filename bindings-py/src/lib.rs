@@ -672,6 +672,7 @@ fn host_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("real_mode_int3_traps", quirks.real_mode_int3_traps())?;
     d.set_item("paging32_works", quirks.paging32_works())?;
     d.set_item("user_syscalls_work", quirks.user_syscalls_work())?;
+    d.set_item("debug_registers_reserved", quirks.debug_registers_reserved())?;
     d.set_item("fallback_instructions", quirks.fallback_instructions().to_vec())?;
     d.set_item("x87_control_round_trip", quirks.x87_control_round_trip())?;
     d.set_item("linux_cmdline_adaptations", quirks.linux_cmdline_adaptations())?;

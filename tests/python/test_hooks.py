@@ -189,7 +189,7 @@ def test_exit_hook_counts_exits(vm, guests):
 def test_hook_limits_are_checked(vm, guests):
     # Four debug registers, less the one SYSCALL completion holds where the host needs it.
     capacity = vm.breakpoint_capacity
-    assert capacity == (3 if vmcore.host_info()["user_syscalls_work"] is False else 4)
+    assert capacity == 4 - vmcore.host_info()["debug_registers_reserved"]
     for address in range(capacity):
         vm.on_breakpoint(0x100000 + address)(lambda ev: None)
     with pytest.raises(vmcore.ConfigError, match=f"at most {capacity}"):

@@ -78,6 +78,13 @@ impl HostQuirks {
         !self.user_syscalls_work()
     }
 
+    /// Debug registers vmcore keeps for itself by default (SYSCALL completion breakpoints the
+    /// guest's #PF entry), out of x86's four: a VM's hooks get the rest as breakpoints
+    /// ([`crate::Vm::breakpoint_capacity`]; a VM built with `syscall_fixup(false)` gets all four).
+    pub fn debug_registers_reserved(&self) -> usize {
+        usize::from(self.syscall_completion_needed())
+    }
+
     /// Whether the host can run a guest with 32-bit (non-long-mode) paging enabled. Some
     /// software KVMs end such a guest with a shutdown at the write that enables paging.
     pub fn paging32_works(&self) -> bool {

@@ -25,6 +25,9 @@ class HostInfo(TypedDict):
     paging32_works: bool
     #: A SYSCALL from guest user mode reaches the kernel at CPL0 without vmcore's help.
     user_syscalls_work: bool
+    #: Debug registers vmcore keeps by default (for SYSCALL completion); hooks get the rest of
+    #: the four as breakpoints (``Vm.breakpoint_capacity``).
+    debug_registers_reserved: int
     #: Instructions KVM gives up on at CPL0 here and vmcore emulates (``stats()["emulated"]``
     #: names); empty where guest code runs natively.
     fallback_instructions: List[str]

@@ -267,6 +267,7 @@ def info() -> int:
         "  SYSCALL from guest user mode: "
         + ("works" if facts["user_syscalls_work"] else "left in user mode by KVM; vmcore completes each one (see docs/host.md)")
     )
+    print(f"  hardware breakpoints for hooks: {4 - facts['debug_registers_reserved']} of 4")
     fallback = facts["fallback_instructions"]
     print(
         "  instructions KVM gives up on at CPL0, emulated by vmcore: "
