@@ -70,16 +70,7 @@ pub struct KicksBlocked {
 
 impl KicksBlocked {
     pub fn block() -> KicksBlocked {
-        // SAFETY: sigemptyset/sigaddset write the local set; pthread_sigmask changes only this
-        // thread's mask and writes the old one into `previous`, which it fully initializes.
-        unsafe {
-            let mut kick: libc::sigset_t = std::mem::zeroed();
-            let mut previous: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut kick);
-            libc::sigaddset(&mut kick, kick_signal());
-            libc::pthread_sigmask(libc::SIG_BLOCK, &kick, &mut previous);
-            KicksBlocked { previous }
-        }
+        KicksBlocked { previous: set_kick_mask(libc::SIG_BLOCK) }
     }
 }
 
@@ -90,14 +81,17 @@ impl Drop for KicksBlocked {
     }
 }
 
-/// Blocks or unblocks (`how`) the kick signal in the calling thread.
-fn set_kick_mask(how: c_int) {
-    // SAFETY: as in `KicksBlocked::block`, on a local set; only this thread's mask changes.
+/// Blocks or unblocks (`how`) the kick signal in the calling thread; returns the mask before.
+fn set_kick_mask(how: c_int) -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset write the local set; pthread_sigmask changes only this
+    // thread's mask and writes the old one into `previous`, which it fully initializes.
     unsafe {
         let mut kick: libc::sigset_t = std::mem::zeroed();
+        let mut previous: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut kick);
         libc::sigaddset(&mut kick, kick_signal());
-        libc::pthread_sigmask(how, &kick, ptr::null_mut());
+        libc::pthread_sigmask(how, &kick, &mut previous);
+        previous
     }
 }
 
