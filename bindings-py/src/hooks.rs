@@ -2,6 +2,7 @@
 //! with a `HookEvent`, then copies the callable's answers back into the core event.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::PyValueError;
@@ -195,13 +196,18 @@ impl Drop for PinnedThreadState {
         // SAFETY: `tstate` and `gil` come from `pin_thread_state` on this same thread (thread
         // locals are dropped on their own thread); the interpreter is checked to be alive.
         unsafe {
-            if pyo3::ffi::Py_IsInitialized() != 0 {
+            if pyo3::ffi::Py_IsInitialized() != 0 && !INTERPRETER_EXITING.load(Ordering::Acquire) {
                 pyo3::ffi::PyEval_RestoreThread(self.tstate);
                 pyo3::ffi::PyGILState_Release(self.gil);
             }
         }
     }
 }
+
+/// Set by `interpreter_exiting()` once the package's exit handler has closed its VMs. A vCPU
+/// thread ending after that (a VM only the native layer knew) leaves its thread state to the
+/// dying interpreter: taking the GIL during finalization would block it forever.
+pub static INTERPRETER_EXITING: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
     static PINNED: std::cell::RefCell<Option<PinnedThreadState>> = const { std::cell::RefCell::new(None) };

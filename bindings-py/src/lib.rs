@@ -685,6 +685,13 @@ fn parse_memory_size(py: Python<'_>, text: &str) -> PyResult<u64> {
     parse_size(text).py_err(py)
 }
 
+/// Tells the native layer the interpreter is exiting (the package's exit handler calls it
+/// after closing its VMs); see `hooks::INTERPRETER_EXITING`.
+#[pyfunction]
+fn interpreter_exiting() {
+    hooks::INTERPRETER_EXITING.store(true, std::sync::atomic::Ordering::Release);
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // The core's `log` records go to Python's logging, under "vmcore.<module>" loggers. Levels
@@ -705,6 +712,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(host_info, m)?)?;
     m.add_function(wrap_pyfunction!(image_kind, m)?)?;
     m.add_function(wrap_pyfunction!(refresh_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(interpreter_exiting, m)?)?;
     m.add("REGISTER_NAMES", vmcore::cpu::REGISTER_NAMES.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -7,6 +7,8 @@ from __future__ import annotations
 import gc
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from typing import Callable, Dict, List, Optional, TypeVar
@@ -333,3 +335,23 @@ def test_five_thousand_random_operations_across_four_threads(guests):
     assert settles(os_threads, threads) == threads, "threads leaked"
     grown = resident_bytes() - rss
     assert grown < 64 << 20, f"resident memory grew by {grown >> 20} MiB"
+
+
+def test_the_interpreter_exits_while_a_hooked_vm_is_still_running(guests, tmp_path):
+    # A vCPU thread that ran a Python hook keeps a Python thread state; ended during
+    # finalization, it waited forever for the GIL, and so did the interpreter joining it.
+    script = tmp_path / "left_running.py"
+    script.write_text(
+        "import time, vmcore\n"
+        "vm = vmcore.Vm(memory='16M')\n"
+        f"vm.load_flat(open({str(guests.path('echo.bin'))!r}, 'rb').read())\n"
+        "polls = []\n"
+        f"vm.on_io({SERIAL + 5})(lambda ev: polls.append(ev.rip))\n"
+        "vm.start()\n"
+        "while not polls:\n"
+        "    time.sleep(0.01)\n"
+        "print('leaving with the VM polling its serial port', flush=True)\n"
+    )
+    finished = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    assert "leaving" in finished.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import weakref
@@ -408,6 +409,20 @@ class Net:
         return f"<vmcore.Net {self.index} {self.mac}{tap}>"
 
 
+# Every VM not yet collected, for `_close_open_vms`.
+_open_vms: "weakref.WeakSet[Vm]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_vms() -> None:
+    """Closes the VMs still open when the interpreter exits, while it can still serve their vCPU
+    threads. Left to finalization, a vCPU thread ending then waits forever for the GIL, and so
+    does the finalizer that joins it: a script that ran a VM and never closed it did not exit."""
+    for vm in list(_open_vms):
+        vm.close()
+    _native.interpreter_exiting()
+
+
 class Vm:
     """A KVM virtual machine.
 
@@ -440,6 +455,7 @@ class Vm:
         self._hook_ids: Dict[Callable[..., Any], List[int]] = {}
         self._console = Console(self._native)
         self._vcpus = tuple(Vcpu(self._native, i) for i in range(self._native.vcpu_count))
+        _open_vms.add(self)
 
     # -- loading -----------------------------------------------------------------------------
 
