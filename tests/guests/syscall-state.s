@@ -12,6 +12,7 @@
 #   debug exit 0x20 + N: user check N failed (the round on port 0x9b, the value seen on 0x9c)
 #   debug exit 0x51: a page fault (its RIP on port 0x9a); 0x5d: a #GP (its RIP on port 0x9a)
         .include "guest.inc"
+        .include "user-mode.inc"
         GUEST_START 64
 
         .set PML4,      0x200000
@@ -24,8 +25,6 @@
         .set KSTACK,    0x300000
         .set PERCPU,    0x310000        # kernel GS block: [0] kernel RSP, [8] saved user RSP
         .set FXAREA,    0x311000        # 512 bytes, 16-aligned
-        .set USER_CS,   0x23
-        .set USER_SS,   0x1b
         .set PAGE_P_RW, 0x3
         .set PAGE_USER, 0x4
         .set ROUNDS,    200
@@ -59,15 +58,7 @@
         mov     %rax, USER_DATA + 0x800
         movq    $KSTACK, PERCPU
 
-        lgdt    gdtr
-        mov     $tss, %eax
-        mov     %ax, gdt + 0x2a
-        shr     $16, %eax
-        mov     %al, gdt + 0x2c
-        mov     %ah, gdt + 0x2f
-        movq    $KSTACK, tss + 4        # rsp0
-        mov     $0x28, %ax
-        ltr     %ax
+        LOAD_GDT_AND_TSS KSTACK
         mov     $14, %edi               # #PF and #GP end the run with their RIP
         mov     $pf_handler, %esi
         call    set_gate
@@ -84,18 +75,7 @@
         or      $0x600, %rax
         mov     %rax, %cr4
 
-        mov     $0xC0000080, %ecx       # EFER.SCE
-        rdmsr
-        or      $1, %eax
-        wrmsr
-        mov     $0xC0000081, %ecx       # STAR: kernel CS 0x08, user base 0x13
-        xor     %eax, %eax
-        mov     $0x00130008, %edx
-        wrmsr
-        mov     $0xC0000084, %ecx       # SFMASK: IF, TF, DF
-        mov     $0x700, %eax
-        xor     %edx, %edx
-        wrmsr
+        ENABLE_SYSCALL
         mov     $0xC0000100, %ecx       # FS base: the user's TLS block
         mov     $USER_DATA, %eax
         xor     %edx, %edx
@@ -106,18 +86,9 @@
         mov     $0xC0000102, %ecx       # KERNEL_GS_BASE: the per-CPU block, for SWAPGS
         mov     $PERCPU, %eax
         wrmsr
-        mov     $0xC0000082, %ecx       # LSTAR, written last as Linux does
-        mov     $syscall_entry, %eax
-        xor     %edx, %edx
-        wrmsr
+        SET_LSTAR syscall_entry         # written last, as Linux does
 
-        mov     $KSTACK, %esp
-        pushq   $USER_SS
-        pushq   $USER_STACK
-        pushq   $0x202
-        pushq   $USER_CS
-        pushq   $USER_CODE
-        iretq
+        ENTER_USER_MODE KSTACK, USER_CODE, USER_STACK
 
 # set_gate: IDT[EDI] = interrupt gate to RSI (below 4 GiB), code selector 0x08.
 set_gate:
@@ -245,19 +216,4 @@ kcw:    .word 0
 kzero:  .quad 0, 0
         .align  4
 kmxcsr: .long 0
-        .align  16
-gdt:    .quad 0
-        .quad 0x00af9b000000ffff        # 0x08 kernel code64
-        .quad 0x00cf93000000ffff        # 0x10 kernel data
-        .quad 0x00cff3000000ffff        # 0x18 user data   (STAR user base 0x13 + 8)
-        .quad 0x00affb000000ffff        # 0x20 user code64 (0x13 + 16)
-        .quad 0x0000890000000067        # 0x28 TSS, base patched
-        .quad 0
-gdtr:   .word gdtr - gdt - 1
-        .quad gdt
-        .align  16
-idt:    .fill   256 * 16, 1, 0
-idtr:   .word   256 * 16 - 1
-        .quad   idt
-        .align  16
-tss:    .fill   0x68, 1, 0
+        USER_MODE_TABLES

@@ -5,6 +5,7 @@
 # A page fault ends it with 0x51 and the faulting RIP on port 0x9a: on a host that leaves
 # SYSCALL in user mode, that is what happens unless vmcore completes the SYSCALL.
         .include "guest.inc"
+        .include "user-mode.inc"
         GUEST_START 64
 
         .set PML4,      0x200000
@@ -14,8 +15,6 @@
         .set USER_CODE, 0x400000        # user page: code copied here
         .set USER_STACK,0x402000
         .set KSTACK,    0x300000
-        .set USER_CS,   0x23
-        .set USER_SS,   0x1b
         .set PAGE_P_RW, 0x3
         .set PAGE_USER, 0x4
 
@@ -40,15 +39,7 @@
         mov     $user_end - user_start, %ecx
         rep movsb
 
-        lgdt    gdtr
-        mov     $tss, %eax              # TSS descriptor base
-        mov     %ax, gdt + 0x2a
-        shr     $16, %eax
-        mov     %al, gdt + 0x2c
-        mov     %ah, gdt + 0x2f
-        movq    $KSTACK, tss + 4        # rsp0
-        mov     $0x28, %ax
-        ltr     %ax
+        LOAD_GDT_AND_TSS KSTACK
         # #PF gate (vector 14): interrupt gate to pf_handler in the kernel code segment.
         mov     $pf_handler, %eax
         mov     %ax, idt + 14 * 16
@@ -58,30 +49,10 @@
         mov     %ax, idt + 14 * 16 + 6
         lidt    idtr
 
-        mov     $0xC0000080, %ecx       # EFER.SCE
-        rdmsr
-        or      $1, %eax
-        wrmsr
-        mov     $0xC0000081, %ecx       # STAR: kernel CS 0x08, user base 0x13
-        xor     %eax, %eax
-        mov     $0x00130008, %edx
-        wrmsr
-        mov     $0xC0000084, %ecx       # SFMASK: IF, TF, DF
-        mov     $0x700, %eax
-        xor     %edx, %edx
-        wrmsr
-        mov     $0xC0000082, %ecx       # LSTAR, written last as Linux does
-        mov     $syscall_entry, %eax
-        xor     %edx, %edx
-        wrmsr
+        ENABLE_SYSCALL
+        SET_LSTAR syscall_entry         # written last, as Linux does
 
-        mov     $KSTACK, %esp
-        pushq   $USER_SS
-        pushq   $USER_STACK
-        pushq   $0x202
-        pushq   $USER_CS
-        pushq   $USER_CODE
-        iretq
+        ENTER_USER_MODE KSTACK, USER_CODE, USER_STACK
 
         .globl syscall_entry
 syscall_entry:
@@ -113,18 +84,4 @@ user_end:
         # Data lives in the image (flat guests have one segment; RAM is writable).
         .align  16
 calls:  .long 0
-gdt:    .quad 0
-        .quad 0x00af9b000000ffff        # 0x08 kernel code64
-        .quad 0x00cf93000000ffff        # 0x10 kernel data
-        .quad 0x00cff3000000ffff        # 0x18 user data   (STAR user base 0x13 + 8)
-        .quad 0x00affb000000ffff        # 0x20 user code64 (0x13 + 16)
-        .quad 0x0000890000000067        # 0x28 TSS, base patched
-        .quad 0
-gdtr:   .word gdtr - gdt - 1
-        .quad gdt
-        .align  16
-idt:    .fill   256 * 16, 1, 0
-idtr:   .word   256 * 16 - 1
-        .quad   idt
-        .align  16
-tss:    .fill   0x68, 1, 0
+        USER_MODE_TABLES
