@@ -87,6 +87,9 @@ class Boots:
     disk: Path  # the shell guest's root disk (a copy of target/linux/rootfs.ext4)
     no_initrd: vmcore.Vm
     version: str  # the kernel's `uname -r`, from target/linux/version ("" when unknown)
+    # Why the shell guest will not become ready, once a wait for it failed: the tests after
+    # the first fail at once instead of each waiting out the boot timeout again.
+    not_ready: str = ""
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +136,14 @@ def shell(boots: Boots, request: pytest.FixtureRequest) -> Iterator[vmcore.Conso
     after each test, and its tail attached to the report when a test fails."""
     request.node._vmcore_vms = [boots.shell]
     console = boots.shell.console
+    if boots.not_ready:
+        pytest.fail(f"the shell guest never became ready: {boots.not_ready}", pytrace=False)
     if LINUX_READY not in console.output:
-        console.expect(LINUX_READY, timeout=BOOT_TIMEOUT)
+        try:
+            console.expect(LINUX_READY, timeout=BOOT_TIMEOUT)
+        except (vmcore.ConsoleTimeout, vmcore.ConsoleClosed) as e:
+            boots.not_ready = str(e).splitlines()[0]
+            raise
     yield console
     crashes = [line for line in console.output.splitlines() if any(p in line for p in CRASH_PATTERNS)]
     assert not crashes, f"the guest's log shows a crash: {crashes}"

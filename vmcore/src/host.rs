@@ -137,7 +137,9 @@ impl HostQuirks {
     /// feature: it runs natively. `initcall_blacklist=` skips ftrace's check of its 40,000
     /// call sites against kallsyms (ten minutes here, for weak functions nobody traces in a
     /// test VM), the creation of the tracing file system's files (two minutes;
-    /// /sys/kernel/tracing stays empty) and the loading of the kernel's built-in X.509
+    /// /sys/kernel/tracing stays empty), the rewriting of trace events' formats with the
+    /// names of enum values (a worker that held a vCPU for minutes, `trace_event_update_all`
+    /// by RIP sampling, starving RCU until the boot stalled) and the loading of the kernel's built-in X.509
     /// certificates (a minute, ending in a timeout; unsigned modules still load, with a
     /// taint). `cryptomgr.notests=1` skips the crypto API's self-tests of each algorithm it
     /// registers: their RSA and DH big-number arithmetic (`mpihelp_*`) was a third of the busy
@@ -147,7 +149,7 @@ impl HostQuirks {
     /// `adapt_to_host=False` boots without any of this.
     pub fn linux_cmdline_adaptations(&self) -> &'static str {
         if self.kernel_code_emulated() {
-            "noxsave clearcpuid=137,141,308 initcall_blacklist=ftrace_check_for_weak_functions,tracer_init_tracefs,load_system_certificate_list cryptomgr.notests=1 nosoftlockup"
+            "noxsave clearcpuid=137,141,308 initcall_blacklist=ftrace_check_for_weak_functions,tracer_init_tracefs,trace_eval_init,load_system_certificate_list cryptomgr.notests=1 nosoftlockup"
         } else {
             ""
         }

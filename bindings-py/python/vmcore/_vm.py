@@ -521,7 +521,8 @@ class Vm:
         the kernel off instructions this host's KVM cannot run in kernel mode, and off boot work
         that takes minutes where kernel code is emulated, are appended (on kvm_pvm hosts
         ``noxsave clearcpuid=137,141,308``, an ``initcall_blacklist=`` and
-        ``cryptomgr.notests=1 nosoftlockup``; nothing on
+        ``cryptomgr.notests=1 nosoftlockup``, each unless ``cmdline`` sets it (your
+        ``initcall_blacklist=`` adds to ours); nothing on
         VT-x/AMD-V; see ``docs/host.md``); the final command line is in the result's
         ``cmdline``. The memory map, ACPI tables and command line are what a PC
         firmware and boot loader would hand over. Raises :class:`~vmcore.LoadError` for a file

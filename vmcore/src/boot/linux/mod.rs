@@ -255,13 +255,20 @@ pub fn load_linux(
     })
 }
 
-/// `cmdline` followed by those of `adaptations` it does not already set (by parameter name).
+/// Parameters the kernel adds up across occurrences: a caller's own `initcall_blacklist=` adds
+/// initcalls to skip, and must not bring back the ones the adaptations skip (an experiment that
+/// blacklisted one more initcall booted ten minutes slower).
+const ACCUMULATING_PARAMS: [&str; 1] = ["initcall_blacklist"];
+
+/// `cmdline` followed by those of `adaptations` it does not already set (by parameter name),
+/// and by every accumulating one.
 fn with_adaptations(cmdline: &str, adaptations: Option<&str>) -> String {
     let name = |param: &str| param.split('=').next().unwrap_or_default().to_string();
     let given: Vec<String> = cmdline.split_whitespace().map(name).collect();
     let mut text = cmdline.to_string();
     for param in adaptations.unwrap_or_default().split_whitespace() {
-        if !given.contains(&name(param)) {
+        let param_name = name(param);
+        if !given.contains(&param_name) || ACCUMULATING_PARAMS.contains(&param_name.as_str()) {
             text.push(' ');
             text.push_str(param);
         }
@@ -840,10 +847,14 @@ mod tests {
     }
 
     #[test]
-    fn host_adaptations_are_appended_unless_the_command_line_sets_them() {
+    fn host_adaptations_are_appended_unless_the_command_line_sets_them_or_they_accumulate() {
         assert_eq!(with_adaptations("console=ttyS0", Some("noxsave clearcpuid=137,141")), "console=ttyS0 noxsave clearcpuid=137,141");
         assert_eq!(with_adaptations("console=ttyS0 clearcpuid=1", Some("noxsave clearcpuid=137")), "console=ttyS0 clearcpuid=1 noxsave");
         assert_eq!(with_adaptations("quiet", Some("")), "quiet");
+        assert_eq!(
+            with_adaptations("initcall_blacklist=mine noxsave", Some("noxsave initcall_blacklist=slow")),
+            "initcall_blacklist=mine noxsave initcall_blacklist=slow"
+        );
         assert_eq!(with_adaptations("quiet", None), "quiet");
     }
 
