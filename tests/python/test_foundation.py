@@ -372,3 +372,22 @@ def test_core_log_records_reach_python_logging(vm, guests, caplog):
         vm.run(timeout=5)
     ended = [r for r in caplog.records if r.name.startswith("vmcore") and "run ended: debug_exit" in r.getMessage()]
     assert ended and ended[0].levelno == logging.INFO
+
+
+def test_byte_arguments_take_bytes_like_values_and_refuse_ints(vm, guests):
+    code = guests.bytes("hello-long.bin")
+    vm.load_flat(memoryview(bytearray(code)))
+    vm.write_phys(0x300000, bytearray(b"\x01\x02"))
+    assert vm.read_phys(0x300000, 2) == b"\x01\x02"
+    # bytes(5) is five zero bytes: an int must not pass for data.
+    for call in (
+        lambda: vm.write_phys(0x300000, 5),
+        lambda: vm.load_flat(64),
+        lambda: vm.console.send(3),
+        lambda: vm.add_fw_cfg_file("opt/x", 7),
+    ):
+        with pytest.raises(TypeError, match="must be bytes-like.*not int"):
+            call()
+    assert vm.read_phys(0x300000, 2) == b"\x01\x02", "a refused write wrote nothing"
+    assert vm.run(timeout=5).reason == "halted"
+    vm.console.expect("hello from long mode", timeout=1)

@@ -188,6 +188,15 @@ def _module_pairs(modules: Sequence[ModuleSpec]) -> List[Tuple[str, str]]:
     return [(os.fspath(m[0]), m[1]) if isinstance(m, tuple) else (os.fspath(m), "") for m in modules]
 
 
+def _byte_string(data: Any, what: str) -> bytes:
+    """``data`` as bytes, from anything with the buffer protocol (bytes, bytearray, memoryview,
+    array). ``bytes(5)`` would be five zero bytes, so an int, like any other type, is refused."""
+    try:
+        return bytes(memoryview(data))
+    except TypeError:
+        raise TypeError(f"{what} must be bytes-like (bytes, bytearray or memoryview), not {type(data).__name__}") from None
+
+
 def _supplied_value(answer: Any) -> int:
     if isinstance(answer, bool) or not isinstance(answer, int):
         raise TypeError(f"a read hook returns an int (the value) or None, not {answer!r}")
@@ -244,12 +253,12 @@ class Console:
         return ConsoleMatch(text, start, end, tuple(groups), tuple(names))
 
     def send(self, data: Union[str, bytes]) -> None:
-        """Types ``data`` into the console (str is sent as UTF-8). On COM1 nothing is dropped:
+        """Types ``data`` into the console (str is sent as UTF-8, bytes-like as is). On COM1 nothing is dropped:
         what the 16-byte FIFO cannot take waits until the guest reads; a virtio console keeps up
         to 1 MiB waiting for the guest's receive buffers."""
         if isinstance(data, str):
             data = data.encode()
-        self._native.console_send(bytes(data), self._port)
+        self._native.console_send(_byte_string(data, "send's data"), self._port)
 
     def __repr__(self) -> str:
         where = "" if self._port is None else f" virtio {self._port}"
@@ -379,7 +388,7 @@ class Net:
     def inject(self, frame: bytes) -> None:
         """Queues an Ethernet frame (14 to 1518 bytes, no FCS) for the guest; it arrives once
         the guest's driver has a receive buffer for it."""
-        self._native.net_inject(self.index, bytes(frame))
+        self._native.net_inject(self.index, _byte_string(frame, "an injected frame"))
 
     def link(self, other: "Net") -> None:
         """Connects this device to ``other`` (usually another VM's) back to back: frames one
@@ -467,7 +476,7 @@ class Vm:
         on an identity map of the low 4 GiB. Protected and long mode use 0x500-0x8000 for the
         GDT, page tables and the initial stack (ESP/RSP = 0x8000).
         """
-        return self._native.load_flat(bytes(code), int(address), mode)[1]
+        return self._native.load_flat(_byte_string(code, "load_flat's code"), int(address), mode)[1]
 
     def load_elf(self, path: Union[str, "os.PathLike[str]"]) -> int:
         """Loads an ELF32 (entered in protected mode) or ELF64 (long mode) executable by its
@@ -540,7 +549,7 @@ class Vm:
 
     def add_fw_cfg_file(self, name: str, data: bytes) -> None:
         """Adds a named file to fw_cfg (QEMU's ``-fw_cfg name=...,file=...``)."""
-        self._native.add_fw_cfg_file(name, bytes(data))
+        self._native.add_fw_cfg_file(name, _byte_string(data, "an fw_cfg file's data"))
 
     # -- devices -----------------------------------------------------------------------------
 
@@ -799,7 +808,7 @@ class Vm:
 
     def write_phys(self, address: int, data: bytes) -> None:
         """Writes guest-physical memory. Raises :class:`~vmcore.GuestMemoryError` outside RAM."""
-        self._native.write_phys(address, bytes(data))
+        self._native.write_phys(address, _byte_string(data, "write_phys's data"))
 
     def read_virt(self, vcpu: int, address: int, length: int) -> bytes:
         """Reads guest-virtual memory through vCPU ``vcpu``'s page tables (no paging, 32-bit,
@@ -809,7 +818,7 @@ class Vm:
     def write_virt(self, vcpu: int, address: int, data: bytes) -> None:
         """Writes guest-virtual memory through vCPU ``vcpu``'s page tables; nothing is written
         unless every page is mapped."""
-        self._native.write_virt(vcpu, address, bytes(data))
+        self._native.write_virt(vcpu, address, _byte_string(data, "write_virt's data"))
 
     def translate(self, vcpu: int, address: int) -> int:
         """The guest-physical address vCPU ``vcpu`` would reach at guest-virtual ``address``."""
