@@ -51,9 +51,6 @@ pub(crate) fn vcpu(v: &Value) -> Res<usize> {
     count(v, "vcpu (a 0-based vCPU index)")
 }
 
-/// Timeouts at least this long (about 31 years, and `math.huge`) mean "no limit": the core adds
-/// timeouts to `Instant::now()`, which must not overflow.
-pub(crate) const FOREVER_SECONDS: f64 = 1e9;
 
 /// Seconds as a `Duration`; `nil` (or `math.huge`) is no limit. A table is read as
 /// `{timeout=...}`.
@@ -68,12 +65,7 @@ pub(crate) fn timeout(v: &Value, what: &str) -> Res<Option<Duration>> {
         }
         _ => return Err(bad(format!("{what} must be a number of seconds or nil, got {}", describe(v)))),
     };
-    if seconds >= FOREVER_SECONDS {
-        return Ok(None);
-    }
-    Duration::try_from_secs_f64(seconds)
-        .map(Some)
-        .map_err(|_| bad(format!("{what} must be a non-negative number of seconds, got {seconds}")))
+    vmcore::vm::timeout_from_seconds(seconds).map_err(|message| bad(format!("{what} {message}")))
 }
 
 /// The bytes of a Lua string (Lua strings are byte strings; no encoding is assumed).

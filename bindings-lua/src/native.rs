@@ -460,7 +460,7 @@ impl UserData for NativeVm {
                 Value::Nil => Value::Number(DEFAULT_EXPECT_SECONDS),
                 other => other,
             };
-            let forever = Duration::from_secs_f64(args::FOREVER_SECONDS);
+            let forever = Duration::from_secs_f64(vmcore::vm::FOREVER_SECONDS);
             let t = args::timeout(&t, "expect timeout")?.unwrap_or(forever);
             let console = this.console(&port)?;
             let found = core(this.pumped(lua, &dispatch, "wait for console output", FromHook::Refuse, |_| {

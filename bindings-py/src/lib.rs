@@ -20,6 +20,7 @@ use vmcore::console::Tee;
 use vmcore::devices::virtio::net::{format_mac, parse_mac, NetOptions};
 use vmcore::devices::virtio::VirtioInfo;
 use vmcore::memory::parse_size;
+use vmcore::vm::timeout_from_seconds;
 use vmcore::{CpuMode, Error, Outcome, Vm, VmBuilder};
 
 const POLL: Duration = Duration::from_millis(100);
@@ -71,15 +72,13 @@ impl<T> IntoPy<T> for vmcore::Result<T> {
     }
 }
 
-/// Seconds from Python; `None` and infinity mean no limit.
+/// Seconds from Python; `None`, infinity and anything from `vmcore::vm::FOREVER_SECONDS` up
+/// mean no limit.
 fn seconds(value: Option<f64>, what: &str) -> PyResult<Option<Duration>> {
-    value
-        .filter(|s| *s != f64::INFINITY)
-        .map(|s| {
-            Duration::try_from_secs_f64(s)
-                .map_err(|_| PyValueError::new_err(format!("{what} must be a non-negative number of seconds, got {s}")))
-        })
-        .transpose()
+    match value {
+        None => Ok(None),
+        Some(s) => timeout_from_seconds(s).map_err(|message| PyValueError::new_err(format!("{what} {message}"))),
+    }
 }
 
 /// The outcome as a dict for `vmcore.Outcome`. With `raise_hook_error`, a hook's exception
@@ -199,8 +198,10 @@ impl NativeVm {
     #[new]
     #[pyo3(signature = (memory, vcpus, tee=None, precise="step"))]
     fn new(py: Python<'_>, memory: &Bound<'_, PyAny>, vcpus: usize, tee: Option<PathBuf>, precise: &str) -> PyResult<Self> {
-        let bytes = if let Ok(n) = memory.extract::<u64>() {
-            n
+        let bytes = if let Ok(n) = memory.extract::<i128>() {
+            u64::try_from(n).map_err(|_| {
+                to_py(py, Error::Config(format!("memory must be a positive number of bytes, got {n}")))
+            })?
         } else if let Ok(text) = memory.extract::<String>() {
             parse_size(&text).py_err(py)?
         } else {

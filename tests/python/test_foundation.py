@@ -391,3 +391,15 @@ def test_byte_arguments_take_bytes_like_values_and_refuse_ints(vm, guests):
     assert vm.read_phys(0x300000, 2) == b"\x01\x02", "a refused write wrote nothing"
     assert vm.run(timeout=5).reason == "halted"
     vm.console.expect("hello from long mode", timeout=1)
+
+
+def test_sizes_and_timeouts_out_of_range_get_messages_that_say_so(vm, guests):
+    for memory in (-1, 2**70):
+        with pytest.raises(vmcore.ConfigError, match="memory must be a positive number of bytes"):
+            vmcore.Vm(memory=memory)
+    vm.load_flat(guests.bytes("hello-long.bin"))
+    for timeout in (-1, float("nan")):
+        with pytest.raises(ValueError, match="timeout must be a non-negative number of seconds"):
+            vm.run(timeout=timeout)
+    # Longer than Duration or Instant can hold: no limit, as infinity is.
+    assert vm.run(timeout=1e300).reason == "halted"

@@ -58,6 +58,13 @@ def test_a_truncated_kernel_is_refused(vm: vmcore.Vm, kernel: Path, tmp_path: Pa
     assert vm.outcome is None  # nothing ran, nothing half-loaded was entered
 
 
+def test_an_empty_initrd_is_refused_as_empty(vm_factory, kernel: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "initrd"
+    empty.write_bytes(b"")
+    with pytest.raises(vmcore.LoadError, match="initrd is empty"):
+        vm_factory(memory="256M").load_linux(kernel, empty)
+
+
 def test_the_debian_kernel_loads_with_host_decompression(vm_factory, kernel: Path) -> None:
     machine = vm_factory(memory="256M")
     loaded = machine.load_linux(kernel, cmdline="console=ttyS0 quiet")

@@ -10,8 +10,10 @@ mod msr_filter;
 mod reaper;
 mod state;
 mod supervisor;
+mod timeout;
 
 pub use state::{ServingHooks, VmState};
+pub use timeout::{timeout_from_seconds, FOREVER_SECONDS};
 use state::RunState;
 
 use std::collections::BTreeMap;

@@ -491,9 +491,12 @@ fn place_initrd(
     max: u64,
 ) -> std::result::Result<(u64, u64), String> {
     let len = initrd.len() as u64;
+    if len == 0 {
+        return Err("its initrd is empty (0 bytes): pass an initramfs, or no initrd at all".into());
+    }
     let top = ram.size().min(MMIO_HOLE_START).min(max.saturating_add(1));
     let at = top.saturating_sub(len) & !0xFFF;
-    if len == 0 || at < kernel_end.next_multiple_of(0x1000) || top < len {
+    if at < kernel_end.next_multiple_of(0x1000) || top < len {
         return Err(format!(
             "its {len}-byte initrd does not fit between the kernel's end ({kernel_end:#x}) and {top:#x}; give the VM more memory"
         ));
