@@ -75,7 +75,7 @@ impl NativeVm {
     }
 
     fn build(opts: &Value) -> Res<NativeVm> {
-        let opts = args::options(opts, "vmcore.Vm{...}", &["memory", "vcpus", "tee", "precise"])?;
+        let opts = args::options(opts, "vmcore.Vm{...}", &["memory", "vcpus", "tee", "precise", "console_limit"])?;
         let mut builder = VmBuilder::new();
         if let Some(t) = opts {
             builder = match t.raw_get::<Value>("memory")? {
@@ -92,6 +92,10 @@ impl NativeVm {
             builder = match t.raw_get::<Value>("vcpus")? {
                 Value::Nil => builder,
                 v => builder.vcpus(args::count(&v, "vcpus")?),
+            };
+            builder = match t.raw_get::<Value>("console_limit")? {
+                Value::Nil => builder,
+                v => builder.console_limit(args::count(&v, "console_limit (bytes)")?),
             };
             builder = match t.raw_get::<Value>("tee")? {
                 Value::Nil | Value::Boolean(false) => builder,
@@ -449,6 +453,7 @@ impl UserData for NativeVm {
             Ok(lua.create_string(this.console(&port)?.output_bytes())?)
         });
         method(m, "console_tail", |lua, this, port: Value| Ok(lua.create_string(this.console(&port)?.tail())?));
+        method(m, "console_dropped", |_, this, port: Value| Ok(int(this.console(&port)?.dropped() as u64)));
         method(m, "console_send", |_, this, (data, port): (Value, Value)| {
             let data = args::bytes(&data, "data")?;
             core(this.console(&port)?.send(&data))

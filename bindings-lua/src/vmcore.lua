@@ -112,6 +112,10 @@ function console_fields.output_bytes(self)
   return check(rawget(self, NATIVE):console_output_bytes(rawget(self, INDEX)))
 end
 
+function console_fields.dropped(self)
+  return check(rawget(self, NATIVE):console_dropped(rawget(self, INDEX)))
+end
+
 function console_methods.tail(self)
   return check(native_of(self, Console, "tail"):console_tail(rawget(self, INDEX)))
 end

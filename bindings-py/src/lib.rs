@@ -196,8 +196,15 @@ impl NativeVm {
 #[pymethods]
 impl NativeVm {
     #[new]
-    #[pyo3(signature = (memory, vcpus, tee=None, precise="step"))]
-    fn new(py: Python<'_>, memory: &Bound<'_, PyAny>, vcpus: usize, tee: Option<PathBuf>, precise: &str) -> PyResult<Self> {
+    #[pyo3(signature = (memory, vcpus, tee=None, precise="step", console_limit=vmcore::console::DEFAULT_LIMIT))]
+    fn new(
+        py: Python<'_>,
+        memory: &Bound<'_, PyAny>,
+        vcpus: usize,
+        tee: Option<PathBuf>,
+        precise: &str,
+        console_limit: usize,
+    ) -> PyResult<Self> {
         let bytes = if let Ok(n) = memory.extract::<i128>() {
             u64::try_from(n).map_err(|_| {
                 to_py(py, Error::Config(format!("memory must be a positive number of bytes, got {n}")))
@@ -209,7 +216,8 @@ impl NativeVm {
         };
         let tee = tee.map(|p| Tee::parse(&p.to_string_lossy()));
         let precise = precise.parse().py_err(py)?;
-        let builder = VmBuilder::new().memory(bytes).vcpus(vcpus).tee(tee).precise_mode(precise);
+        let builder =
+            VmBuilder::new().memory(bytes).vcpus(vcpus).tee(tee).precise_mode(precise).console_limit(console_limit);
         // Building may probe the host with a VM whose threads log through Python.
         let vm = py.detach(move || builder.build()).py_err(py)?;
         Ok(NativeVm { vm: Mutex::new(Some(VmRef(ManuallyDrop::new(Arc::new(vm))))), callables: hooks::Callables::default() })
@@ -477,13 +485,26 @@ impl NativeVm {
         Ok(PyBytes::new(py, &self.console(py, port)?.output_bytes()))
     }
 
-    /// Output from byte `offset` on, waiting up to `timeout` seconds for some (GIL released).
+    /// Output from byte `offset` (or the oldest kept one) on, and where it starts, waiting up to
+    /// `timeout` seconds for some (GIL released).
     #[pyo3(signature = (offset, timeout, port=None))]
-    fn console_read(&self, py: Python<'_>, offset: usize, timeout: f64, port: Option<usize>) -> PyResult<Py<PyBytes>> {
+    fn console_read(
+        &self,
+        py: Python<'_>,
+        offset: usize,
+        timeout: f64,
+        port: Option<usize>,
+    ) -> PyResult<(usize, Py<PyBytes>)> {
         let timeout = seconds(Some(timeout), "timeout")?.unwrap_or(Duration::MAX);
         let console = self.console(py, port)?;
-        let data = py.detach(move || console.read_from(offset, timeout));
-        Ok(PyBytes::new(py, &data).unbind())
+        let (start, data) = py.detach(move || console.read_from(offset, timeout));
+        Ok((start, PyBytes::new(py, &data).unbind()))
+    }
+
+    /// How many of the oldest output bytes were dropped to keep within the console limit.
+    #[pyo3(signature = (port=None))]
+    fn console_dropped(&self, py: Python<'_>, port: Option<usize>) -> PyResult<usize> {
+        Ok(self.console(py, port)?.dropped())
     }
 
     #[pyo3(signature = (port=None))]
@@ -715,6 +736,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(refresh_logging, m)?)?;
     m.add_function(wrap_pyfunction!(interpreter_exiting, m)?)?;
     m.add("REGISTER_NAMES", vmcore::cpu::REGISTER_NAMES.to_vec())?;
+    m.add("DEFAULT_CONSOLE_LIMIT", vmcore::console::DEFAULT_LIMIT)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

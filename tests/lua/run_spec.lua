@@ -53,6 +53,16 @@ describe("running guests", function()
     end)
   end
 
+  it("keeps only the newest console_limit bytes of a guest printing forever", function()
+    vm = vmcore.Vm{ memory = "16M", console_limit = 4096 }
+    -- mov dx, 0x3f8; mov al, 'A'; 1: out dx, al; jmp 1b
+    vm:load_flat("\x66\xba\xf8\x03\xb0\x41\xee\xeb\xfd")
+    assert.equals("timeout", vm:run({ timeout = 1 }).reason)
+    local kept, dropped = #vm.console.output_bytes, vm.console.dropped
+    assert.is_true(dropped > 0 and kept >= 4096 and kept <= 4096 + 512, kept .. " kept, " .. dropped .. " dropped")
+    assert.equals(string.rep("A", kept), vm.console.output)
+  end)
+
   it("reports a debug exit with its code", function()
     vm = helper.flat_vm("debug-exit.bin")
     local out = vm:run({ timeout = 5 })

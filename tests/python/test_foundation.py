@@ -403,3 +403,16 @@ def test_sizes_and_timeouts_out_of_range_get_messages_that_say_so(vm, guests):
             vm.run(timeout=timeout)
     # Longer than Duration or Instant can hold: no limit, as infinity is.
     assert vm.run(timeout=1e300).reason == "halted"
+
+
+def test_a_guest_printing_forever_keeps_only_the_console_limit(vm_factory):
+    # mov dx, 0x3f8; mov al, 'A'; 1: out dx, al; jmp 1b (the UART takes every byte at once).
+    flood = bytes.fromhex("66baf803" "b041" "ee" "ebfd")
+    vm = vm_factory(console_limit=4096)
+    vm.load_flat(flood)
+    assert vm.run(timeout=1).reason == "timeout"
+    kept, dropped = len(vm.console.output_bytes), vm.console.dropped
+    assert dropped > 0 and 4096 <= kept <= 4096 + 512, (kept, dropped)
+    assert set(vm.console.output) == {"A"}
+    chunk = vm.console.read(0, timeout=0)
+    assert chunk.offset == dropped and len(chunk.data) == kept, "a reader behind learns where its data starts"

@@ -33,6 +33,7 @@ from ._native import __version__, parse_memory_size, refresh_logging
 from ._vm import (
     REGISTER_NAMES,
     Console,
+    ConsoleChunk,
     ConsoleMatch,
     HookEvent,
     LinuxKernel,
@@ -53,6 +54,7 @@ __all__ = [
     "Vcpu",
     "Registers",
     "Console",
+    "ConsoleChunk",
     "ConsoleMatch",
     "Outcome",
     "HookEvent",

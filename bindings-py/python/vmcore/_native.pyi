@@ -14,11 +14,13 @@ __all__ = [
     "refresh_logging",
     "interpreter_exiting",
     "REGISTER_NAMES",
+    "DEFAULT_CONSOLE_LIMIT",
     "__version__",
 ]
 
 __version__: str
 REGISTER_NAMES: List[str]
+DEFAULT_CONSOLE_LIMIT: int
 
 def parse_memory_size(text: str) -> int: ...
 def host_info() -> Dict[str, Any]: ...
@@ -51,7 +53,12 @@ class HookEvent:
 @final
 class NativeVm:
     def __new__(
-        cls, memory: Union[int, str], vcpus: int, tee: Union[str, PathLike[str], None] = None, precise: str = "step"
+        cls,
+        memory: Union[int, str],
+        vcpus: int,
+        tee: Union[str, PathLike[str], None] = None,
+        precise: str = "step",
+        console_limit: int = ...,
     ) -> NativeVm: ...
     @property
     def planted_sites(self) -> int: ...
@@ -110,7 +117,8 @@ class NativeVm:
     def console_output(self, port: Optional[int] = None) -> str: ...
     def console_output_bytes(self, port: Optional[int] = None) -> bytes: ...
     def console_tail(self, port: Optional[int] = None) -> str: ...
-    def console_read(self, offset: int, timeout: float, port: Optional[int] = None) -> bytes: ...
+    def console_read(self, offset: int, timeout: float, port: Optional[int] = None) -> Tuple[int, bytes]: ...
+    def console_dropped(self, port: Optional[int] = None) -> int: ...
     def console_expect(
         self, pattern: str, timeout: float, port: Optional[int] = None
     ) -> Tuple[str, int, int, List[Optional[str]], List[Optional[str]]]: ...

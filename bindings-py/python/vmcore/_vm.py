@@ -7,7 +7,21 @@ import os
 import re
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Literal,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import TypeAlias
@@ -85,6 +99,13 @@ class LinuxKernel:
     """Guest-physical address and size of the initrd."""
     cmdline: str
     """The command line the kernel gets, host adaptations included."""
+
+
+class ConsoleChunk(NamedTuple):
+    """Console output read from ``offset`` on (see :meth:`Console.read`)."""
+
+    offset: int
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -221,23 +242,33 @@ class Console:
 
     @property
     def output(self) -> str:
-        """Everything the guest has printed so far (UTF-8, invalid bytes replaced)."""
+        """Everything the guest has printed so far (the newest ``console_limit`` bytes of it;
+        UTF-8, invalid bytes replaced)."""
         return self._native.console_output(self._port)
 
     @property
     def output_bytes(self) -> bytes:
-        """Everything the guest has printed so far, as raw bytes."""
+        """Everything the guest has printed so far (the newest ``console_limit`` bytes of it), as
+        raw bytes."""
         return self._native.console_output_bytes(self._port)
 
     def tail(self) -> str:
         """The last ~2000 characters of output."""
         return self._native.console_tail(self._port)
 
-    def read(self, offset: int, timeout: float = 0.1) -> bytes:
+    @property
+    def dropped(self) -> int:
+        """How many of the oldest output bytes were let go to keep within the VM's
+        ``console_limit`` (0 unless the guest printed more than that)."""
+        return self._native.console_dropped(self._port)
+
+    def read(self, offset: int, timeout: float = 0.1) -> ConsoleChunk:
         """The raw output from byte ``offset`` on, waiting up to ``timeout`` seconds for some to
-        arrive (``b""`` if none did, or the VM is not running). For streaming the console
-        elsewhere: keep ``offset += len(chunk)``."""
-        return self._native.console_read(offset, float(timeout), self._port)
+        arrive (empty ``data`` if none did, or the VM is not running), and the offset it starts
+        at: ``offset``, or the oldest kept byte's if those from ``offset`` were dropped. For
+        streaming the console elsewhere: keep ``offset = chunk.offset + len(chunk.data)``."""
+        start, data = self._native.console_read(offset, float(timeout), self._port)
+        return ConsoleChunk(start, data)
 
     def expect(self, pattern: Union[str, "re.Pattern[str]"], timeout: float = 10.0) -> ConsoleMatch:
         """Waits up to ``timeout`` seconds for ``pattern`` in the output after the previous match.
@@ -448,7 +479,10 @@ class Vm:
     their instructions: ``"step"`` single-steps the guest (always correct, one exit per
     instruction); ``"trap"`` replaces those instructions in the loaded image with ``int3``
     (one exit per hooked instruction; code outside the image is not seen, and the guest
-    would see the ``int3`` if it read its own code). Closing the VM (``close()``, ``with``, or garbage collection) stops it and
+    would see the ``int3`` if it read its own code). ``console_limit`` is how many bytes of
+    output each console keeps (the newest; 16 MiB by default): a guest printing in a loop
+    cannot grow the host without bound, older bytes are dropped and counted
+    (:attr:`Console.dropped`), and a tee still gets every byte. Closing the VM (``close()``, ``with``, or garbage collection) stops it and
     frees its threads, file descriptors and memory.
     """
 
@@ -459,8 +493,9 @@ class Vm:
         *,
         tee: Union[str, "os.PathLike[str]", None] = None,
         precise: Literal["step", "trap"] = "step",
+        console_limit: int = _native.DEFAULT_CONSOLE_LIMIT,
     ) -> None:
-        self._native = _native.NativeVm(memory, vcpus, None if tee is None else os.fspath(tee), precise)
+        self._native = _native.NativeVm(memory, vcpus, None if tee is None else os.fspath(tee), precise, console_limit)
         self._hook_ids: Dict[Callable[..., Any], List[int]] = {}
         self._console = Console(self._native)
         self._vcpus = tuple(Vcpu(self._native, i) for i in range(self._native.vcpu_count))

@@ -156,9 +156,9 @@ def _pump_pty(vm: Vm, master: int) -> None:
         offset = 0
         while True:
             chunk = vm.console.read(offset, timeout=0.2)
-            if chunk:
-                os.write(master, chunk)
-                offset += len(chunk)
+            if chunk.data:
+                os.write(master, chunk.data)
+                offset = chunk.offset + len(chunk.data)
             elif not vm.is_running:
                 return
 

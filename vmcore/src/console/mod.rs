@@ -1,8 +1,12 @@
 //! What the guest prints and what it is sent.
 //!
-//! Every byte the guest transmits is kept (nothing is dropped, however long the boot), optionally
-//! teed to stdout, stderr or a file. [`Console::expect`] waits for a regular expression the way
-//! pexpect does: each match consumes the output up to its end, so successive calls walk forward.
+//! The newest [`DEFAULT_LIMIT`] bytes the guest transmits are kept (a limit settable per VM; a
+//! Linux boot log is about 100 KiB), optionally teed, every byte, to stdout, stderr or a file.
+//! Older bytes are dropped and counted, so a guest printing in a loop cannot grow the host
+//! without bound (a virtio-console flood grew it by 936 MiB in 2 s). Offsets (matches,
+//! [`Console::read_from`]) count from the first byte ever printed, dropped ones included.
+//! [`Console::expect`] waits for a regular expression the way pexpect does: each match consumes
+//! the output up to its end, so successive calls walk forward.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -64,9 +68,18 @@ pub struct Match {
     pub names: Vec<Option<String>>,
 }
 
+/// How many bytes of output a console keeps by default: the newest 16 MiB.
+pub const DEFAULT_LIMIT: usize = 16 << 20;
+
 struct OutputState {
+    /// The kept output: the bytes from offset `dropped` on.
     bytes: Vec<u8>,
-    /// Where the next `expect` starts searching.
+    /// How many of the oldest bytes were let go to keep within `limit`.
+    dropped: usize,
+    /// How many bytes to keep. Trimming waits until an eighth more has arrived, so a flood
+    /// moves each byte a bounded number of times (memory stays below 1.125 x `limit`).
+    limit: usize,
+    /// Where the next `expect` starts searching (an offset, as `dropped` counts).
     cursor: usize,
     /// Whether the VM is running, so more output may come.
     live: bool,
@@ -93,6 +106,11 @@ impl Write for ConsoleWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut st = lock(&self.0.state);
         st.bytes.extend_from_slice(buf);
+        if st.bytes.len() > st.limit + st.limit / 8 {
+            let excess = st.bytes.len() - st.limit;
+            st.bytes.drain(..excess);
+            st.dropped += excess;
+        }
         let mut lost_tee = None;
         if let Some(tee) = st.tee.as_mut() {
             if let Err(e) = tee.write_all(buf).and_then(|_| tee.flush()) {
@@ -118,12 +136,15 @@ impl Write for ConsoleWriter {
 const TAIL_CHARS: usize = 2000;
 
 impl Console {
-    pub fn new(tee: Option<&Tee>) -> Result<Console> {
+    /// A console that keeps the newest `limit` bytes of output (at least 1).
+    pub fn new(tee: Option<&Tee>, limit: usize) -> Result<Console> {
         let tee = tee.map(Tee::open).transpose()?;
         Ok(Console {
             shared: Arc::new(Shared {
                 state: Mutex::new(OutputState {
                     bytes: Vec::new(),
+                    dropped: 0,
+                    limit: limit.max(1),
                     cursor: 0,
                     live: false,
                     status: "not started".into(),
@@ -146,29 +167,42 @@ impl Console {
         *lock(&self.input) = Some(input);
     }
 
-    /// Everything the guest has printed, decoded as UTF-8 (invalid bytes become U+FFFD).
+    /// How many bytes of output it keeps.
+    pub fn limit(&self) -> usize {
+        lock(&self.shared.state).limit
+    }
+
+    /// How many of the oldest bytes of output were dropped to keep within the limit.
+    pub fn dropped(&self) -> usize {
+        lock(&self.shared.state).dropped
+    }
+
+    /// The kept output (everything the guest printed, unless more than the limit), decoded as
+    /// UTF-8 (invalid bytes become U+FFFD).
     pub fn output(&self) -> String {
         String::from_utf8_lossy(&lock(&self.shared.state).bytes).into_owned()
     }
 
-    /// The raw bytes the guest has printed.
+    /// The kept output's raw bytes.
     pub fn output_bytes(&self) -> Vec<u8> {
         lock(&self.shared.state).bytes.clone()
     }
 
-    /// The output from byte `offset` on, waiting up to `timeout` for some to arrive. Returns
-    /// nothing if none came in time or the VM is not running; for streaming output somewhere
-    /// (a pty, a notebook) without copying all of it each time.
-    pub fn read_from(&self, offset: usize, timeout: Duration) -> Vec<u8> {
+    /// The output from byte `offset` on, waiting up to `timeout` for some to arrive, and the
+    /// offset it starts at: `offset`, or the oldest kept byte's if those from `offset` were
+    /// dropped. Returns nothing if none came in time or the VM is not running; for streaming
+    /// output somewhere (a pty, a notebook) without copying all of it each time.
+    pub fn read_from(&self, offset: usize, timeout: Duration) -> (usize, Vec<u8>) {
         let deadline = crate::deadline(Some(timeout));
         let mut st = lock(&self.shared.state);
         loop {
-            if st.bytes.len() > offset {
-                return st.bytes[offset..].to_vec();
+            let start = offset.max(st.dropped);
+            if st.dropped + st.bytes.len() > start {
+                return (start, st.bytes[start - st.dropped..].to_vec());
             }
             let now = Instant::now();
             if !st.live || deadline.is_some_and(|d| now >= d) {
-                return Vec::new();
+                return (start, Vec::new());
             }
             let wait = deadline.map_or(Duration::from_millis(100), |d| d - now);
             st = self.shared.grew.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()).0;
@@ -230,23 +264,24 @@ impl Console {
             // Resume a little before where the last search stopped, so a match straddling the
             // old end is found without rescanning all of a long boot log (a match longer than
             // the 4 KiB overlap may then be found shortened at its start).
-            let from = searched_to.saturating_sub(4096).max(st.cursor);
-            if let Some(caps) = re.captures_at(&st.bytes, from) {
+            // Offsets count dropped bytes; output dropped before it was searched is not.
+            let from = searched_to.saturating_sub(4096).max(st.cursor).max(st.dropped);
+            if let Some(caps) = re.captures_at(&st.bytes, from - st.dropped) {
                 let whole = caps.get(0).expect("group 0 always exists");
                 let found = Match {
                     text: String::from_utf8_lossy(whole.as_bytes()).into_owned(),
-                    start: whole.start(),
-                    end: whole.end(),
+                    start: st.dropped + whole.start(),
+                    end: st.dropped + whole.end(),
                     groups: caps
                         .iter()
                         .map(|g| g.map(|g| String::from_utf8_lossy(g.as_bytes()).into_owned()))
                         .collect(),
                     names: re.capture_names().map(|n| n.map(str::to_string)).collect(),
                 };
-                st.cursor = whole.end();
+                st.cursor = found.end;
                 return Ok(found);
             }
-            searched_to = st.bytes.len();
+            searched_to = st.dropped + st.bytes.len();
             if !st.live {
                 return Err(Error::ConsoleEnded {
                     pattern: pattern.into(),
@@ -292,7 +327,7 @@ mod tests {
 
     #[test]
     fn expect_walks_forward_and_reports_groups() {
-        let c = Console::new(None).unwrap();
+        let c = Console::new(None, DEFAULT_LIMIT).unwrap();
         c.set_live(true, "running");
         print(&c, "boot 1\nvalue=42 ok\nboot 2\n");
         let m = c.expect(r"boot (\d)", Duration::from_secs(1)).unwrap();
@@ -306,7 +341,7 @@ mod tests {
 
     #[test]
     fn expect_waits_for_output_from_another_thread() {
-        let c = Arc::new(Console::new(None).unwrap());
+        let c = Arc::new(Console::new(None, DEFAULT_LIMIT).unwrap());
         c.set_live(true, "running");
         let w = c.clone();
         let t = thread::spawn(move || {
@@ -322,7 +357,7 @@ mod tests {
 
     #[test]
     fn timeout_and_end_carry_the_tail() {
-        let c = Console::new(None).unwrap();
+        let c = Console::new(None, DEFAULT_LIMIT).unwrap();
         c.set_live(true, "running");
         print(&c, "last words\n");
         let t0 = Instant::now();
@@ -342,26 +377,26 @@ mod tests {
 
     #[test]
     fn read_from_streams_new_output() {
-        let c = Arc::new(Console::new(None).unwrap());
+        let c = Arc::new(Console::new(None, DEFAULT_LIMIT).unwrap());
         c.set_live(true, "running");
         print(&c, "abc");
-        assert_eq!(c.read_from(0, Duration::ZERO), b"abc");
-        assert_eq!(c.read_from(3, Duration::from_millis(20)), b"");
+        assert_eq!(c.read_from(0, Duration::ZERO), (0, b"abc".to_vec()));
+        assert_eq!(c.read_from(3, Duration::from_millis(20)), (3, Vec::new()));
         let w = c.clone();
         let t = thread::spawn(move || {
             thread::sleep(Duration::from_millis(30));
             print(&w, "de");
         });
-        assert_eq!(c.read_from(3, Duration::from_secs(5)), b"de");
+        assert_eq!(c.read_from(3, Duration::from_secs(5)), (3, b"de".to_vec()));
         t.join().unwrap();
         c.set_live(false, "halted");
-        assert_eq!(c.read_from(5, Duration::from_secs(60)), b"", "nothing more can come");
+        assert_eq!(c.read_from(5, Duration::from_secs(60)), (5, Vec::new()), "nothing more can come");
         assert!(!c.is_live());
     }
 
     #[test]
     fn long_output_keeps_every_byte_and_finds_late_matches() {
-        let c = Console::new(None).unwrap();
+        let c = Console::new(None, DEFAULT_LIMIT).unwrap();
         c.set_live(true, "running");
         let line = "x".repeat(99) + "\n";
         for _ in 0..1000 {
@@ -374,9 +409,29 @@ mod tests {
     }
 
     #[test]
+    fn output_past_the_limit_drops_the_oldest_bytes_and_counts_them() {
+        let c = Console::new(None, 1000).unwrap();
+        c.set_live(true, "running");
+        for i in 0..100 {
+            print(&c, &format!("line {i:04} {}\n", "x".repeat(40)));
+        }
+        let (kept, dropped) = (c.output_bytes().len(), c.dropped());
+        assert_eq!(kept + dropped, 100 * 51, "every byte is kept or counted");
+        assert!((1000..=1125).contains(&kept), "kept {kept}");
+        assert!(c.output().ends_with(&format!("line 0099 {}\n", "x".repeat(40))), "the newest are kept");
+        // Offsets count the dropped bytes: a match is where it was printed.
+        let m = c.expect(r"line 0098", Duration::ZERO).unwrap();
+        assert_eq!(m.start, 98 * 51);
+        assert!(c.expect(r"line 0001", Duration::ZERO).is_err(), "dropped output is not searched");
+        // A reader behind the dropped bytes learns where its data starts.
+        let (start, data) = c.read_from(0, Duration::ZERO);
+        assert_eq!((start, data.len()), (dropped, kept));
+    }
+
+    #[test]
     fn tee_copies_to_a_file_and_send_needs_an_input() {
         let dir = std::env::temp_dir().join(format!("vmcore-tee-{}", std::process::id()));
-        let c = Console::new(Some(&Tee::File(dir.clone()))).unwrap();
+        let c = Console::new(Some(&Tee::File(dir.clone())), DEFAULT_LIMIT).unwrap();
         print(&c, "to the file\n");
         assert_eq!(std::fs::read_to_string(&dir).unwrap(), "to the file\n");
         std::fs::remove_file(dir).unwrap();

@@ -78,7 +78,7 @@ mod tests {
 
     #[test]
     fn transmit_reaches_the_console_and_input_survives_a_full_fifo() {
-        let console = Console::new(None).unwrap();
+        let console = Console::new(None, crate::console::DEFAULT_LIMIT).unwrap();
         let mut port = SerialPort::new(IrqLine::new().unwrap(), console.writer());
         let mut b = [0u8];
         port.read(LSR, &mut b);

@@ -88,6 +88,7 @@ pub struct VmBuilder {
     memory: u64,
     vcpus: usize,
     tee: Option<Tee>,
+    console_limit: usize,
     precise_mode: PreciseMode,
     /// Whether to finish SYSCALLs the host leaves half done; `None`: probe the host.
     syscall_fixup: Option<bool>,
@@ -95,7 +96,14 @@ pub struct VmBuilder {
 
 impl Default for VmBuilder {
     fn default() -> Self {
-        VmBuilder { memory: 64 << 20, vcpus: 1, tee: None, precise_mode: PreciseMode::default(), syscall_fixup: None }
+        VmBuilder {
+            memory: 64 << 20,
+            vcpus: 1,
+            tee: None,
+            console_limit: crate::console::DEFAULT_LIMIT,
+            precise_mode: PreciseMode::default(),
+            syscall_fixup: None,
+        }
     }
 }
 
@@ -118,6 +126,13 @@ impl VmBuilder {
     /// Copies console output to stdout, stderr or a file as it arrives.
     pub fn tee(mut self, tee: Option<Tee>) -> Self {
         self.tee = tee;
+        self
+    }
+
+    /// How many bytes of output each console (serial and virtio) keeps: the newest ones; older
+    /// ones are dropped and counted. A tee still gets every byte.
+    pub fn console_limit(mut self, bytes: usize) -> Self {
+        self.console_limit = bytes;
         self
     }
 
@@ -167,7 +182,7 @@ impl VmBuilder {
             .map(|i| Vcpu::new(&vm_fd, i, &cpuid::for_vcpu(supported, i, self.vcpus)).map(Mutex::new))
             .collect::<Result<Vec<_>>>()?;
 
-        let console = Arc::new(Console::new(self.tee.as_ref())?);
+        let console = Arc::new(Console::new(self.tee.as_ref(), self.console_limit)?);
         let mut io = IoBus::default();
         let serial = Arc::new(Mutex::new(SerialPort::new(IrqLine::new()?, console.writer())));
         vm_fd
@@ -530,7 +545,7 @@ impl Vm {
     /// Adds a virtio-console device (before the first run): a second console, Linux's
     /// `/dev/hvc0`, with the same `expect`, `tail` and `send` as the serial one.
     pub fn add_console(&self) -> Result<(VirtioInfo, Arc<Console>)> {
-        let console = Arc::new(Console::new(None)?);
+        let console = Arc::new(Console::new(None, self.machine.console.limit())?);
         let device = virtio::console::VirtioConsole::new(&console)?;
         let info = self.add_virtio(Box::new(device), None, Some(console.clone()))?;
         Ok((info, console))

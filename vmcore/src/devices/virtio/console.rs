@@ -168,7 +168,7 @@ mod tests {
 
     #[test]
     fn guest_output_reaches_the_console_and_sent_bytes_reach_the_guest() {
-        let console = Console::new(None).unwrap();
+        let console = Console::new(None, crate::console::DEFAULT_LIMIT).unwrap();
         let mem = memory(1 << 20);
         let (mut rx, mut tx) = (TestQueue::new(0x1000, 16), TestQueue::new(0x3000, 16));
         let mut t = transport(Box::new(VirtioConsole::new(&console).unwrap()), &mem, &[&rx, &tx]);
