@@ -416,3 +416,12 @@ def test_a_guest_printing_forever_keeps_only_the_console_limit(vm_factory):
     assert set(vm.console.output) == {"A"}
     chunk = vm.console.read(0, timeout=0)
     assert chunk.offset == dropped and len(chunk.data) == kept, "a reader behind learns where its data starts"
+
+
+def test_sending_more_than_a_guest_reads_is_refused_whole(vm, guests):
+    # spin.bin never reads COM1: what is sent waits (the UART's FIFO takes the first bytes), up to
+    # 1 MiB, and the send past that is refused.
+    vm.load_flat(guests.bytes("spin.bin"))
+    vm.console.send(b"x" * (1 << 20))
+    with pytest.raises(vmcore.VmStateError, match="not yet read .* none of these 100 were sent"):
+        vm.console.send(b"y" * 100)

@@ -284,9 +284,10 @@ class Console:
         return ConsoleMatch(text, start, end, tuple(groups), tuple(names))
 
     def send(self, data: Union[str, bytes]) -> None:
-        """Types ``data`` into the console (str is sent as UTF-8, bytes-like as is). On COM1 nothing is dropped:
-        what the 16-byte FIFO cannot take waits until the guest reads; a virtio console keeps up
-        to 1 MiB waiting for the guest's receive buffers."""
+        """Types ``data`` into the console (str is sent as UTF-8, bytes-like as is). What the
+        guest cannot take yet (COM1's 16-byte FIFO is full, or a virtio console has no receive
+        buffer) waits for it, up to 1 MiB; a send that would go past that raises
+        :class:`~vmcore.VmStateError` and sends none of its bytes."""
         if isinstance(data, str):
             data = data.encode()
         self._native.console_send(_byte_string(data, "send's data"), self._port)

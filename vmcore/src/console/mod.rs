@@ -49,9 +49,16 @@ impl Tee {
     }
 }
 
+/// How many bytes sent to the guest may wait for it to read them, per console. A caller that
+/// sends more is told so, and nothing of that send is queued: 10 MB sent to a guest that never
+/// read stayed in the host's memory after the VM ended.
+pub const INPUT_LIMIT: usize = 1 << 20;
+
 /// Something that takes bytes for the guest (the UART receiver).
 pub trait ConsoleInput: Send {
-    fn feed(&mut self, bytes: &[u8]);
+    /// Queues all of `bytes` for the guest, or none of them if more than [`INPUT_LIMIT`] would
+    /// then wait; `Err` carries how many are waiting.
+    fn feed(&mut self, bytes: &[u8]) -> std::result::Result<(), usize>;
 }
 
 /// A successful [`Console::expect`].
@@ -224,13 +231,17 @@ impl Console {
         lock(&self.shared.state).tee_error.clone()
     }
 
-    /// Sends bytes to the guest's serial receiver. Bytes the FIFO cannot take yet are queued.
+    /// Sends bytes to the guest's receiver. Bytes it cannot take yet wait, up to [`INPUT_LIMIT`];
+    /// a send that would go past that is refused whole.
     pub fn send(&self, bytes: &[u8]) -> Result<()> {
         match lock(&self.input).as_ref() {
-            Some(input) => {
-                lock(input).feed(bytes);
-                Ok(())
-            }
+            Some(input) => lock(input).feed(bytes).map_err(|waiting| {
+                Error::State(format!(
+                    "the guest has not yet read {waiting} bytes sent earlier and at most {INPUT_LIMIT} may wait, \
+                     so none of these {} were sent; send again once it reads",
+                    bytes.len()
+                ))
+            }),
             None => Err(Error::State("this console has no input device".into())),
         }
     }

@@ -4,15 +4,15 @@ use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
 
 use super::{IrqLine, PortDevice};
-use crate::console::{ConsoleInput, ConsoleWriter};
+use crate::console::{ConsoleInput, ConsoleWriter, INPUT_LIMIT};
 use crate::outcome::Outcome;
 
 pub const COM1_PORT: u16 = 0x3F8;
 pub const COM1_IRQ: u32 = 4;
 
 /// A 16550 UART (vm-superio's) whose transmitter feeds the console and whose receiver is fed
-/// from [`ConsoleInput`]. Input beyond the 64-byte FIFO waits here and is moved in as the guest
-/// reads, so nothing sent is dropped.
+/// from [`ConsoleInput`]. Input beyond the 64-byte FIFO waits here (up to
+/// [`INPUT_LIMIT`]) and is moved in as the guest reads, so nothing accepted is dropped.
 pub struct SerialPort {
     uart: Serial<IrqLine, NoEvents, ConsoleWriter>,
     pending: VecDeque<u8>,
@@ -61,9 +61,13 @@ impl PortDevice for SerialPort {
 }
 
 impl ConsoleInput for SerialPort {
-    fn feed(&mut self, bytes: &[u8]) {
+    fn feed(&mut self, bytes: &[u8]) -> Result<(), usize> {
+        if self.pending.len() + bytes.len() > INPUT_LIMIT {
+            return Err(self.pending.len());
+        }
         self.pending.extend(bytes);
         self.refill();
+        Ok(())
     }
 }
 
@@ -89,7 +93,7 @@ mod tests {
         assert_eq!(console.output(), "hi\n");
 
         let input: Vec<u8> = (0..200u32).map(|i| b'a' + (i % 26) as u8).collect();
-        port.feed(&input);
+        port.feed(&input).unwrap();
         let mut got = Vec::new();
         loop {
             port.read(LSR, &mut b);
@@ -100,5 +104,27 @@ mod tests {
             got.push(b[0]);
         }
         assert_eq!(got, input);
+    }
+
+    #[test]
+    fn input_past_the_limit_is_refused_whole() {
+        let console = Console::new(None, crate::console::DEFAULT_LIMIT).unwrap();
+        let mut port = SerialPort::new(IrqLine::new().unwrap(), console.writer());
+        port.feed(&vec![b'x'; INPUT_LIMIT - 10]).unwrap();
+        let waiting = port.feed(&[b'y'; 100]).unwrap_err();
+        assert!(waiting + 100 > INPUT_LIMIT, "{waiting} waiting");
+        port.feed(&[b'z'; 5]).unwrap();
+        // The guest reads; what it gets is every accepted byte, in order, and nothing refused.
+        let (mut b, mut got) = ([0u8], Vec::new());
+        loop {
+            port.read(LSR, &mut b);
+            if b[0] & LSR_DATA_READY == 0 {
+                break;
+            }
+            port.read(0, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got.len(), INPUT_LIMIT - 5);
+        assert!(!got.contains(&b'y') && got.ends_with(b"zzzzz"));
     }
 }

@@ -13,7 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{chain, serve_queue, QueueBroken, VirtioDevice};
-use crate::console::{Console, ConsoleInput, ConsoleWriter};
+use crate::console::{Console, ConsoleInput, ConsoleWriter, INPUT_LIMIT};
 use crate::devices::lock;
 use crate::{Error, Result};
 
@@ -22,8 +22,6 @@ const RX: usize = 0;
 const TX: usize = 1;
 /// The most bytes one transmit buffer may carry; longer chains are refused.
 const TX_LIMIT: u64 = 64 << 10;
-/// Bytes sent to the guest beyond this many waiting are dropped.
-const MAX_PENDING: usize = 1 << 20;
 
 /// Bytes on their way to the guest, and the eventfd that wakes the device's worker for them.
 struct Inbox {
@@ -35,16 +33,16 @@ struct Inbox {
 struct Input(Arc<Inbox>);
 
 impl ConsoleInput for Input {
-    fn feed(&mut self, bytes: &[u8]) {
+    fn feed(&mut self, bytes: &[u8]) -> Result<(), usize> {
         {
             let mut pending = lock(&self.0.pending);
-            let room = MAX_PENDING.saturating_sub(pending.len());
-            if room < bytes.len() {
-                log::warn!("virtio-console: {} bytes for the guest dropped (it is not reading)", bytes.len() - room);
+            if pending.len() + bytes.len() > INPUT_LIMIT {
+                return Err(pending.len());
             }
-            pending.extend(&bytes[..bytes.len().min(room)]);
+            pending.extend(bytes);
         }
         let _ = self.0.wake.write(1);
+        Ok(())
     }
 }
 
