@@ -61,6 +61,8 @@ pub enum PayloadError {
     Unknown(Vec<u8>),
     #[error("its payload is {0}-compressed, which vmcore cannot decompress on the host; boot it with decompression in the guest")]
     Unsupported(&'static str),
+    #[error("its {format} payload decompresses to more than {} MiB, more than a kernel in this VM can be", .limit >> 20)]
+    TooLarge { format: &'static str, limit: u64 },
     #[error("its {format} payload is corrupt: {reason}")]
     Corrupt {
         format: &'static str,
@@ -73,24 +75,31 @@ pub enum PayloadError {
 const LZ4_LEGACY_MAGIC: u32 = 0x184C_2102;
 const LZ4_LEGACY_BLOCK: usize = 8 << 20;
 
-/// The most a decompressed kernel may be: far above any real vmlinux, it stops a hostile
-/// image from ballooning the host's memory.
-const MAX_DECOMPRESSED: u64 = 1 << 30;
+/// The most a decompressed kernel may be: far above any real vmlinux (Debian's is 60 MiB), it
+/// stops a hostile image from ballooning the host's memory.
+pub const MAX_DECOMPRESSED: u64 = 1 << 30;
 
-/// Decompresses a bzImage payload into the kernel's ELF image.
-pub fn decompress(payload: &[u8]) -> Result<(Compression, Vec<u8>), PayloadError> {
+/// Decompresses a bzImage payload into the kernel's ELF image, refusing one that would grow
+/// past `limit` bytes (the guest's RAM, say: a larger kernel could not be loaded anyway) or
+/// [`MAX_DECOMPRESSED`]. It used to be cut at 1 GiB and loaded.
+pub fn decompress(payload: &[u8], limit: u64) -> Result<(Compression, Vec<u8>), PayloadError> {
+    let limit = limit.min(MAX_DECOMPRESSED);
     let format = Compression::detect(payload)
         .ok_or_else(|| PayloadError::Unknown(payload[..payload.len().min(8)].to_vec()))?;
     let corrupt = |reason: String| PayloadError::Corrupt {
         format: format.as_str(),
         reason,
     };
+    let too_large = || PayloadError::TooLarge { format: format.as_str(), limit };
     let read_all = |reader: &mut dyn Read| -> Result<Vec<u8>, PayloadError> {
         let mut out = Vec::new();
         reader
-            .take(MAX_DECOMPRESSED)
+            .take(limit + 1)
             .read_to_end(&mut out)
             .map_err(|e| corrupt(e.to_string()))?;
+        if out.len() as u64 > limit {
+            return Err(too_large());
+        }
         Ok(out)
     };
     let elf = match format {
@@ -102,7 +111,7 @@ pub fn decompress(payload: &[u8]) -> Result<(Compression, Vec<u8>), PayloadError
                 .map_err(|e| corrupt(e.to_string()))?;
             read_all(&mut decoder)?
         }
-        Compression::Lz4 => lz4_legacy(payload).map_err(corrupt)?,
+        Compression::Lz4 => lz4_legacy(payload, limit).map_err(|e| e.unwrap_or_else(too_large))?,
         Compression::Bzip2 | Compression::Lzma | Compression::Lzo => {
             return Err(PayloadError::Unsupported(format.as_str()))
         }
@@ -113,7 +122,9 @@ pub fn decompress(payload: &[u8]) -> Result<(Compression, Vec<u8>), PayloadError
     Ok((format, elf))
 }
 
-fn lz4_legacy(payload: &[u8]) -> Result<Vec<u8>, String> {
+/// The frames' data; `Err(None)` when it grows past `limit`.
+fn lz4_legacy(payload: &[u8], limit: u64) -> Result<Vec<u8>, Option<PayloadError>> {
+    let corrupt = |reason: String| Some(PayloadError::Corrupt { format: "lz4", reason });
     let word = |at: usize| {
         payload
             .get(at..at + 4)
@@ -131,15 +142,15 @@ fn lz4_legacy(payload: &[u8]) -> Result<Vec<u8>, String> {
             break;
         };
         let data = lz4_flex::block::decompress(block, LZ4_LEGACY_BLOCK)
-            .map_err(|e| format!("block at byte {}: {e}", at - 4))?;
+            .map_err(|e| corrupt(format!("block at byte {}: {e}", at - 4)))?;
         out.extend_from_slice(&data);
-        if out.len() as u64 > MAX_DECOMPRESSED {
-            return Err("it decompresses to more than 1 GiB".into());
+        if out.len() as u64 > limit {
+            return Err(None);
         }
         at += len as usize;
     }
     if out.is_empty() {
-        return Err("it holds no blocks".into());
+        return Err(corrupt("it holds no blocks".into()));
     }
     Ok(out)
 }
@@ -161,20 +172,20 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(&elf).unwrap();
         let gz = gz.finish().unwrap();
-        assert_eq!(decompress(&gz).unwrap(), (Compression::Gzip, elf.clone()));
+        assert_eq!(decompress(&gz, MAX_DECOMPRESSED).unwrap(), (Compression::Gzip, elf.clone()));
 
         let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 6);
         xz.write_all(&elf).unwrap();
         let mut xz = xz.finish().unwrap();
         xz.extend_from_slice(&(elf.len() as u32).to_le_bytes()); // what the kernel build appends
-        assert_eq!(decompress(&xz).unwrap(), (Compression::Xz, elf.clone()));
+        assert_eq!(decompress(&xz, MAX_DECOMPRESSED).unwrap(), (Compression::Xz, elf.clone()));
 
         let mut zst = ruzstd::encoding::compress_to_vec(
             &elf[..],
             ruzstd::encoding::CompressionLevel::Fastest,
         );
         zst.extend_from_slice(&(elf.len() as u32).to_le_bytes());
-        assert_eq!(decompress(&zst).unwrap(), (Compression::Zstd, elf));
+        assert_eq!(decompress(&zst, MAX_DECOMPRESSED).unwrap(), (Compression::Zstd, elf));
     }
 
     #[test]
@@ -187,27 +198,44 @@ mod tests {
             payload.extend_from_slice(&block);
         }
         payload.extend_from_slice(&(2 * elf.len() as u32).to_le_bytes());
-        let (format, out) = decompress(&payload).unwrap();
+        let (format, out) = decompress(&payload, MAX_DECOMPRESSED).unwrap();
         assert_eq!(format, Compression::Lz4);
         assert_eq!(out, [elf.clone(), elf].concat());
     }
 
     #[test]
+    fn a_payload_larger_than_the_limit_is_refused_not_cut() {
+        let elf = [b"\x7fELF".as_slice(), &[0u8; 1 << 20]].concat();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&elf).unwrap();
+        let gz = gz.finish().unwrap();
+        assert_eq!(decompress(&gz, 2 << 20).unwrap().1, elf);
+        let err = decompress(&gz, 512 << 10).unwrap_err();
+        assert!(matches!(err, PayloadError::TooLarge { format: "gzip", limit } if limit == 512 << 10), "{err}");
+        let mut lz4 = LZ4_LEGACY_MAGIC.to_le_bytes().to_vec();
+        let block = lz4_flex::block::compress(&elf);
+        lz4.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        lz4.extend_from_slice(&block);
+        assert_eq!(decompress(&lz4, 2 << 20).unwrap().1, elf);
+        assert!(matches!(decompress(&lz4, 512 << 10), Err(PayloadError::TooLarge { format: "lz4", .. })));
+    }
+
+    #[test]
     fn unknown_corrupt_and_unsupported_payloads_are_named() {
         assert!(matches!(
-            decompress(b"nonsense"),
+            decompress(b"nonsense", MAX_DECOMPRESSED),
             Err(PayloadError::Unknown(_))
         ));
         assert!(matches!(
-            decompress(b"BZh91AY&SY"),
+            decompress(b"BZh91AY&SY", MAX_DECOMPRESSED),
             Err(PayloadError::Unsupported("bzip2"))
         ));
-        let err = decompress(&[0x1F, 0x8B, 8, 0, 0, 0]).unwrap_err();
+        let err = decompress(&[0x1F, 0x8B, 8, 0, 0, 0], MAX_DECOMPRESSED).unwrap_err();
         assert!(err.to_string().contains("gzip payload is corrupt"), "{err}");
         // Decompresses fine, but not to a kernel.
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(b"text").unwrap();
-        let err = decompress(&gz.finish().unwrap()).unwrap_err();
+        let err = decompress(&gz.finish().unwrap(), MAX_DECOMPRESSED).unwrap_err();
         assert!(
             err.to_string().contains("not decompress to an ELF"),
             "{err}"
