@@ -13,6 +13,7 @@ pub const MMIO_HOLE_START: u64 = 0xC000_0000;
 pub const HIGH_RAM_START: u64 = 1 << 32;
 /// The smallest VM worth booting: the boot scratch area plus room for a kernel.
 pub const MIN_RAM: u64 = 2 << 20;
+const PAGE: u64 = 4096;
 
 pub struct GuestRam {
     mem: GuestMemoryMmap,
@@ -114,12 +115,37 @@ impl GuestRam {
         self.write(addr, &value.to_le_bytes())
     }
 
-    /// Zeroes `[addr, addr + len)`, used for BSS.
+    /// Zeroes guest RAM. Whole pages are handed back to the host kernel instead of written:
+    /// guest RAM is anonymous private memory, which reads back as zeros after MADV_DONTNEED and
+    /// then costs nothing until touched again. A 1.5 GiB ELF BSS used to take 1.9 s and 1.5 GiB
+    /// of host memory to write.
     pub fn zero(&self, addr: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
         self.check(addr, len as usize)?;
+        let end = addr + len;
+        let (pages_start, pages_end) = (addr.next_multiple_of(PAGE), end & !(PAGE - 1));
+        if pages_end <= pages_start {
+            return self.write_zeros(addr, len);
+        }
+        self.write_zeros(addr, pages_start - addr)?;
+        let host = self
+            .mem
+            .get_host_address(GuestAddress(pages_start))
+            .map_err(|e| Error::Memory(format!("no host mapping at {pages_start:#x}: {e}")))?;
+        // SAFETY: `check` put [addr, end) inside one RAM region, so the page-aligned range from
+        // `host` lies within that region's own anonymous private mapping, which `self.mem` keeps
+        // mapped; MADV_DONTNEED there only replaces the pages' contents with zeros, which is what
+        // this function promises, and no Rust reference into guest RAM exists.
+        let dropped = unsafe { libc::madvise(host.cast(), (pages_end - pages_start) as usize, libc::MADV_DONTNEED) };
+        if dropped != 0 {
+            self.write_zeros(pages_start, pages_end - pages_start)?;
+        }
+        self.write_zeros(pages_end, end - pages_end)
+    }
+
+    fn write_zeros(&self, addr: u64, len: u64) -> Result<()> {
         const CHUNK: usize = 64 * 1024;
         let zeros = [0u8; CHUNK];
         let mut done = 0u64;
@@ -195,6 +221,23 @@ mod tests {
             GuestRam::layout(4 << 30),
             vec![(0, MMIO_HOLE_START), (HIGH_RAM_START, (4 << 30) - MMIO_HOLE_START)]
         );
+    }
+
+    #[test]
+    fn zeroing_clears_exactly_the_range_and_hands_whole_pages_back() {
+        let ram = GuestRam::new(2 << 30).unwrap();
+        ram.write(0x1000, &[0xAA; 4 * 4096]).unwrap();
+        ram.zero(0x1000 + 100, 3 * 4096).unwrap();
+        let mut all = vec![0u8; 4 * 4096];
+        ram.read(0x1000, &mut all).unwrap();
+        assert!(all[..100].iter().all(|&b| b == 0xAA));
+        assert!(all[100..100 + 3 * 4096].iter().all(|&b| b == 0));
+        assert!(all[100 + 3 * 4096..].iter().all(|&b| b == 0xAA));
+        // A 1 GiB BSS in fresh RAM: nothing is written, so the host's memory stays as it was.
+        let resident = || std::fs::read_to_string("/proc/self/statm").unwrap().split(' ').nth(1).unwrap().parse::<u64>().unwrap() * 4096;
+        let before = resident();
+        ram.zero(0x10_0000, 1 << 30).unwrap();
+        assert!(resident() < before + (64 << 20), "{} MiB more resident", (resident() - before) >> 20);
     }
 
     #[test]
