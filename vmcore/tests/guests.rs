@@ -201,3 +201,28 @@ fn acpi_poweroff_and_the_reset_lines_end_the_run() {
         assert!(matches!(vm.start(None), Err(Error::State(_))), "{action} cannot be resumed");
     }
 }
+
+/// An entry point the vCPU could not start at is refused when loading, not found at run time.
+#[test]
+fn entry_points_outside_ram_or_the_identity_map_are_refused_at_load() {
+    if !kvm() {
+        return;
+    }
+    // A multiboot a.out-kludge header whose entry_addr lies past the end of a 64 MiB VM.
+    let mut image = vec![0u8; 8192];
+    let (magic, flags) = (0x1BAD_B002u32, 1u32 << 16);
+    let fields = [magic, flags, magic.wrapping_add(flags).wrapping_neg(), 0x10_0000, 0x10_0000, 0, 0, 0x7000_0000];
+    for (i, field) in fields.iter().enumerate() {
+        image[i * 4..i * 4 + 4].copy_from_slice(&field.to_le_bytes());
+    }
+    image[64] = 0xF4; // hlt
+    let vm = small_vm();
+    let err = vm.load_multiboot_bytes(&image, "far.mb", "", &[]).unwrap_err();
+    assert!(matches!(err, Error::Load { .. }) && err.to_string().contains("entry point 0x70000000 is outside guest RAM"), "{err}");
+    assert!(matches!(vm.run(FIVE_SECONDS), Err(Error::State(_))), "nothing was loaded");
+
+    // 64-bit code above 4 GiB: in RAM, but beyond the identity map long mode starts on.
+    let big = VmBuilder::new().memory(5 << 30).build().unwrap();
+    let err = big.load_flat(&[0xF4], 0x1_2000_0000, CpuMode::Long).unwrap_err();
+    assert!(err.to_string().contains("above 4 GiB"), "{err}");
+}

@@ -15,6 +15,7 @@ pub use multiboot::{load_multiboot, Module};
 use std::fmt;
 use std::str::FromStr;
 
+use crate::memory::GuestRam;
 use crate::Error;
 
 /// The CPU mode a guest image is entered in.
@@ -70,6 +71,28 @@ pub struct EntryPoint {
     pub rax: u64,
     pub rbx: u64,
     pub rsi: u64,
+}
+
+impl EntryPoint {
+    /// Why a vCPU could not start here, if it could not: outside guest RAM, or (long mode) above
+    /// the low 4 GiB that vmcore's identity map covers. Such images used to load and fail only
+    /// when run.
+    pub fn unreachable_because(&self, ram: &GuestRam) -> Option<String> {
+        if !ram.contains(self.address, 1) {
+            return Some(format!(
+                "its entry point {:#x} is outside guest RAM ({} MiB)",
+                self.address,
+                ram.size() >> 20
+            ));
+        }
+        if self.mode == CpuMode::Long && self.address >= 1 << 32 {
+            return Some(format!(
+                "its long-mode entry point {:#x} is above 4 GiB, beyond the identity map vmcore enters long mode with",
+                self.address
+            ));
+        }
+        None
+    }
 }
 
 /// What kind of kernel image a file is, by its contents.

@@ -646,6 +646,9 @@ impl Vm {
         // The previous image's sites go back to what they were before new code lands.
         self.machine.sites.write().unwrap_or_else(|p| p.into_inner()).restore(&self.machine.ram)?;
         let image = load(&self.machine.ram)?;
+        if let Some(reason) = image.entry.unreachable_because(&self.machine.ram) {
+            return Err(Error::load("the image", reason));
+        }
         lock(&self.machine.vcpus[0]).enter(&self.machine.ram, &image.entry)?;
         *lock(&self.machine.code) = image.code;
         self.plant_sites()?;
