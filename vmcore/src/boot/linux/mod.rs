@@ -314,10 +314,12 @@ impl BzHeader {
             usize::from(raw.setup_sects)
         };
         let code_offset = (setup_sects + 1) * 512;
-        let code_len = raw.syssize as usize * 16;
+        // syssize counts 16-byte paragraphs, rounded up: a whole image may end up to 15 bytes
+        // before syssize x 16, and QEMU and GRUB load such images.
+        let code_len = (raw.syssize as usize * 16).saturating_sub(15);
         if image.len() < code_offset + code_len {
             return Err(format!(
-                "it is truncated: its header promises {} bytes, the file has {}",
+                "it is truncated: its header promises at least {} bytes, the file has {}",
                 code_offset + code_len,
                 image.len()
             ));
@@ -887,6 +889,14 @@ mod tests {
         let text = err(&image[..image.len() - 100], &opts);
         assert!(text.contains("truncated"), "{text}");
         let text = err(&image[..0x210], &opts);
+        assert!(text.contains("truncated"), "{text}");
+        // syssize rounds up to 16-byte paragraphs: a file up to 15 bytes shorter is whole.
+        let mut padded = [image.as_slice(), &[0u8; 16]].concat();
+        let syssize = u32::from_le_bytes(padded[0x1F4..0x1F8].try_into().unwrap());
+        padded[0x1F4..0x1F8].copy_from_slice(&(syssize + 1).to_le_bytes());
+        let ram_for_whole = GuestRam::new(32 << 20).unwrap();
+        load_linux(&ram_for_whole, &padded[..padded.len() - 15], "k", &opts).unwrap();
+        let text = err(&padded[..padded.len() - 16], &opts);
         assert!(text.contains("truncated"), "{text}");
         // Needs more RAM than the VM has.
         let big = bzimage(&vmlinux(&[0x90; 0x80], false), 64 << 20);
