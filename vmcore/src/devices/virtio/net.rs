@@ -200,6 +200,14 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54CA;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 
+/// What a user without CAP_NET_ADMIN can do instead of creating a tap.
+fn unprivileged_tap_hint(name: &str) -> String {
+    format!(
+        "without root, have an administrator create the tap for you (ip tuntap add dev {name} mode tap user <you>) \
+         and give you read-write access to /dev/net/tun; vmcore then attaches to it"
+    )
+}
+
 /// `struct ifreq` as TUNSETIFF reads it: the name, then the flags in the union.
 #[repr(C)]
 struct IfReq {
@@ -220,14 +228,29 @@ impl Tap {
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")
-            .map_err(|e| Error::Io { context: context(), source: e })?;
+            .map_err(|source| {
+                let context = match source.kind() {
+                    std::io::ErrorKind::PermissionDenied => format!(
+                        "cannot open tap interface {name}: this user may not open /dev/net/tun; {}",
+                        unprivileged_tap_hint(name)
+                    ),
+                    _ => context(),
+                };
+                Error::Io { context, source }
+            })?;
         let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TAP | IFF_NO_PI, _rest: [0; 22] };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads and writes a `struct ifreq` (40 bytes), which `req` is laid out
         // as and lives through the call; the fd is the tun device just opened.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
         if rc < 0 {
-            return Err(Error::Io { context: context(), source: std::io::Error::last_os_error() });
+            let source = std::io::Error::last_os_error();
+            let context = if source.raw_os_error() == Some(libc::EPERM) {
+                format!("cannot open tap interface {name}: creating one needs CAP_NET_ADMIN; {}", unprivileged_tap_hint(name))
+            } else {
+                context()
+            };
+            return Err(Error::Io { context, source });
         }
         let end = req.name.iter().position(|&b| b == 0).unwrap_or(libc::IFNAMSIZ);
         Ok(Tap { file, name: String::from_utf8_lossy(&req.name[..end]).into_owned() })
