@@ -22,6 +22,8 @@ pub mod memory;
 pub mod paging;
 pub mod profile;
 pub mod vm;
+#[cfg(test)]
+mod fuzz;
 
 pub use boot::CpuMode;
 

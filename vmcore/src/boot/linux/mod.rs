@@ -611,6 +611,18 @@ fn write_start_info(ram: &GuestRam, initrd: Option<(u64, u64)>) -> Result<()> {
         .map_err(|e| Error::Memory(format!("cannot write the PVH start info: {e}")))
 }
 
+/// Small well-formed kernels for the fuzzer to start from: a bzImage (gzip payload) with and
+/// without a PVH note, and the bare ELF vmlinux.
+#[cfg(test)]
+pub(crate) fn synthetic_bzimages() -> Vec<Vec<u8>> {
+    let code = [0x90; 0x80];
+    vec![
+        tests::bzimage(&tests::vmlinux(&code, false), 8 << 20),
+        tests::bzimage(&tests::vmlinux(&code, true), 8 << 20),
+        tests::vmlinux(&code, true),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -622,7 +634,7 @@ mod tests {
 
     /// A minimal x86-64 vmlinux: one PT_LOAD of `code` linked at the kernel's virtual base and
     /// loaded at 16 MiB, with a PVH note when asked.
-    fn vmlinux(code: &[u8], pvh: bool) -> Vec<u8> {
+    pub(crate) fn vmlinux(code: &[u8], pvh: bool) -> Vec<u8> {
         let phnum: u16 = if pvh { 2 } else { 1 };
         let data_at = 64 + 56 * u64::from(phnum);
         let note: Vec<u8> = [
@@ -689,7 +701,7 @@ mod tests {
     }
 
     /// A bzImage around a gzip payload of `elf`, with the header fields vmcore reads.
-    fn bzimage(elf: &[u8], init_size: u32) -> Vec<u8> {
+    pub(crate) fn bzimage(elf: &[u8], init_size: u32) -> Vec<u8> {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(elf).unwrap();
         let payload = gz.finish().unwrap();
