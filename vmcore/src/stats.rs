@@ -34,31 +34,56 @@ pub struct ExitStats {
     pub hook_events: BTreeMap<&'static str, u64>,
     pub hook_calls: u64,
     pub hook_time: Duration,
+    /// Counts the by-key maps above did not keep: each holds at most [`MAX_KEYS`] keys, and a
+    /// guest choosing more (a scan of MMIO space, every MSR index) is counted here instead.
+    pub uncounted_keys: u64,
 }
+
+/// The most distinct keys one by-key counter keeps. Keys are the guest's choice (addresses, MSR
+/// indices, CPUID leaves); without a bound a guest scanning MMIO space would grow the host's
+/// memory by a map entry an address.
+pub const MAX_KEYS: usize = 4096;
 
 impl ExitStats {
     pub fn count_exit(&mut self, reason: &'static str) {
         *self.exits.entry(reason).or_default() += 1;
     }
 
+    /// Counts one event under `key` in the map `which` picks, or in `uncounted_keys` once that
+    /// map holds [`MAX_KEYS`] other keys.
+    pub fn count<K: Ord>(&mut self, which: fn(&mut ExitStats) -> &mut BTreeMap<K, u64>, key: K) {
+        let map = which(self);
+        if map.len() < MAX_KEYS || map.contains_key(&key) {
+            *map.entry(key).or_default() += 1;
+        } else {
+            self.uncounted_keys += 1;
+        }
+    }
+
     pub fn merge(&mut self, other: &ExitStats) {
-        fn add<K: Ord + Copy>(into: &mut BTreeMap<K, u64>, from: &BTreeMap<K, u64>) {
+        fn add<K: Ord + Copy>(into: &mut BTreeMap<K, u64>, from: &BTreeMap<K, u64>, uncounted: &mut u64) {
             for (k, v) in from {
-                *into.entry(*k).or_default() += v;
+                if into.len() < MAX_KEYS || into.contains_key(k) {
+                    *into.entry(*k).or_default() += v;
+                } else {
+                    *uncounted += v;
+                }
             }
         }
-        add(&mut self.exits, &other.exits);
-        add(&mut self.ports, &other.ports);
-        add(&mut self.unhandled_port_reads, &other.unhandled_port_reads);
-        add(&mut self.unhandled_port_writes, &other.unhandled_port_writes);
-        add(&mut self.unhandled_mmio_reads, &other.unhandled_mmio_reads);
-        add(&mut self.unhandled_mmio_writes, &other.unhandled_mmio_writes);
-        add(&mut self.msr_reads, &other.msr_reads);
-        add(&mut self.msr_writes, &other.msr_writes);
-        add(&mut self.hook_events, &other.hook_events);
-        add(&mut self.cpuid_leaves, &other.cpuid_leaves);
-        add(&mut self.cr_accesses, &other.cr_accesses);
-        add(&mut self.emulated, &other.emulated);
+        let u = &mut self.uncounted_keys;
+        *u += other.uncounted_keys;
+        add(&mut self.exits, &other.exits, u);
+        add(&mut self.ports, &other.ports, u);
+        add(&mut self.unhandled_port_reads, &other.unhandled_port_reads, u);
+        add(&mut self.unhandled_port_writes, &other.unhandled_port_writes, u);
+        add(&mut self.unhandled_mmio_reads, &other.unhandled_mmio_reads, u);
+        add(&mut self.unhandled_mmio_writes, &other.unhandled_mmio_writes, u);
+        add(&mut self.msr_reads, &other.msr_reads, u);
+        add(&mut self.msr_writes, &other.msr_writes, u);
+        add(&mut self.hook_events, &other.hook_events, u);
+        add(&mut self.cpuid_leaves, &other.cpuid_leaves, u);
+        add(&mut self.cr_accesses, &other.cr_accesses, u);
+        add(&mut self.emulated, &other.emulated, u);
         self.hook_calls += other.hook_calls;
         self.hook_time += other.hook_time;
         self.handling_time += other.handling_time;
@@ -93,5 +118,20 @@ mod tests {
         assert_eq!(a.exits["hlt"], 1);
         assert_eq!(a.unhandled_port_reads[&0x80], 5);
         assert_eq!(a.total_exits(), 3);
+    }
+
+    #[test]
+    fn by_key_counters_keep_at_most_max_keys() {
+        let mut a = ExitStats::default();
+        for address in 0..MAX_KEYS as u64 + 10 {
+            a.count(|s| &mut s.unhandled_mmio_reads, address * 8);
+        }
+        a.count(|s| &mut s.unhandled_mmio_reads, 0);
+        assert_eq!(a.unhandled_mmio_reads.len(), MAX_KEYS);
+        assert_eq!((a.unhandled_mmio_reads[&0], a.uncounted_keys), (2, 10), "kept keys still count");
+        let mut b = ExitStats::default();
+        b.count(|s| &mut s.unhandled_mmio_reads, u64::MAX);
+        a.merge(&b);
+        assert_eq!((a.unhandled_mmio_reads.len(), a.uncounted_keys), (MAX_KEYS, 11));
     }
 }

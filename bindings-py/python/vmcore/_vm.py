@@ -908,7 +908,9 @@ class Vm:
         could not run and vmcore emulated instead, by mnemonic: ``xsave``, ``int3``, ...),
         ``hook_events`` by kind, ``hook_calls`` and ``hook_seconds`` (time spent in hooks),
         ``handling_seconds`` (vCPU threads' time in userspace between KVM_RUN calls, summed over
-        vCPUs) and ``emulation_seconds`` (the part of it spent emulating instructions)."""
+        vCPUs) and ``emulation_seconds`` (the part of it spent emulating instructions). Each
+        by-key counter keeps at most 4096 keys (the guest chooses them); ``uncounted_keys``
+        counts the events beyond."""
         return self._native.stats()
 
     def __repr__(self) -> str:

@@ -241,7 +241,7 @@ pub(crate) fn dispatch(exit: &Exit, rip: u64, env: &VcpuEnv, msrs: &dyn MsrAcces
 
     let mut stats = lock(env.stats);
     if let Exit::IoIn { port, .. } | Exit::IoOut { port, .. } = exit {
-        *stats.ports.entry(*port).or_default() += 1;
+        stats.count(|s| &mut s.ports, *port);
     }
     Ok(match exit {
         Exit::IoIn { port, len } => {
@@ -251,7 +251,7 @@ pub(crate) fn dispatch(exit: &Exit, rip: u64, env: &VcpuEnv, msrs: &dyn MsrAcces
                 None => {
                     if let BusResult::Unhandled = env.io.read(*port, data.as_mut_slice()) {
                         data.as_mut_slice().fill(0xFF);
-                        *stats.unhandled_port_reads.entry(*port).or_default() += 1;
+                        stats.count(|s| &mut s.unhandled_port_reads, *port);
                     }
                 }
             }
@@ -269,7 +269,7 @@ pub(crate) fn dispatch(exit: &Exit, rip: u64, env: &VcpuEnv, msrs: &dyn MsrAcces
                 BusResult::Done => (Flow::Resume, Completion::Nothing),
                 BusResult::Exit(outcome) => (Flow::End(outcome), Completion::Nothing),
                 BusResult::Unhandled => {
-                    *stats.unhandled_port_writes.entry(*port).or_default() += 1;
+                    stats.count(|s| &mut s.unhandled_port_writes, *port);
                     (Flow::Resume, Completion::Nothing)
                 }
             }
@@ -284,7 +284,7 @@ pub(crate) fn dispatch(exit: &Exit, rip: u64, env: &VcpuEnv, msrs: &dyn MsrAcces
                     drop(stats);
                     if let BusResult::Unhandled = env.mmio.read(*address, data.as_mut_slice()) {
                         data.as_mut_slice().fill(0xFF);
-                        *lock(env.stats).unhandled_mmio_reads.entry(*address).or_default() += 1;
+                        lock(env.stats).count(|s| &mut s.unhandled_mmio_reads, *address);
                     }
                 }
             }
@@ -305,20 +305,20 @@ pub(crate) fn dispatch(exit: &Exit, rip: u64, env: &VcpuEnv, msrs: &dyn MsrAcces
                 BusResult::Unhandled => {
                     // A write a hook saw counts as handled: the hook is the device.
                     if event.as_ref().is_none_or(|ev| !env.hooks.wants(&ev.kind)) {
-                        *lock(env.stats).unhandled_mmio_writes.entry(*address).or_default() += 1;
+                        lock(env.stats).count(|s| &mut s.unhandled_mmio_writes, *address);
                     }
                     (Flow::Resume, Completion::Nothing)
                 }
             }
         }
         Exit::MsrRead { index } => {
-            *stats.msr_reads.entry(*index).or_default() += 1;
+            stats.count(|s| &mut s.msr_reads, *index);
             drop(stats);
             let value = supplied.or_else(|| msrs.read_msr(*index));
             (Flow::Resume, Completion::Msr { value: value.unwrap_or(0), fault: value.is_none() })
         }
         Exit::MsrWrite { index, value } => {
-            *stats.msr_writes.entry(*index).or_default() += 1;
+            stats.count(|s| &mut s.msr_writes, *index);
             drop(stats);
             // A write a hook saw is accepted even where the host has no such MSR: the hook is
             // the MSR. Unhooked, KVM's refusal becomes the #GP the guest would get anyway.

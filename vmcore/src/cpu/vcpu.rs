@@ -559,7 +559,7 @@ impl Vcpu {
             let mut stats = lock(env.stats);
             stats.count_exit("emulated");
             match &kind {
-                EventKind::Cpuid { leaf, .. } => *stats.cpuid_leaves.entry(*leaf).or_default() += 1,
+                EventKind::Cpuid { leaf, .. } => stats.count(|s| &mut s.cpuid_leaves, *leaf),
                 EventKind::Cr { cr, .. } => *stats.cr_accesses.entry(*cr).or_default() += 1,
                 _ => {}
             }
