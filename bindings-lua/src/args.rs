@@ -178,6 +178,7 @@ pub(crate) fn stats(lua: &Lua, s: &ExitStats) -> mlua::Result<Table> {
     t.set("hook_events", lua.create_table_from(s.hook_events.iter().map(|(k, v)| (*k, int(*v))))?)?;
     t.set("hook_calls", int(s.hook_calls))?;
     t.set("uncounted_keys", int(s.uncounted_keys))?;
+    t.set("console_dropped", int(s.console_dropped))?;
     t.set("hook_seconds", s.hook_time.as_secs_f64())?;
     t.set("handling_seconds", s.handling_time.as_secs_f64())?;
     t.set("emulation_seconds", s.emulation_time.as_secs_f64())?;

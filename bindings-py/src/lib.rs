@@ -662,6 +662,7 @@ impl NativeVm {
         d.set_item("hook_events", s.hook_events.clone())?;
         d.set_item("hook_calls", s.hook_calls)?;
         d.set_item("uncounted_keys", s.uncounted_keys)?;
+        d.set_item("console_dropped", s.console_dropped)?;
         d.set_item("hook_seconds", s.hook_time.as_secs_f64())?;
         d.set_item("handling_seconds", s.handling_time.as_secs_f64())?;
         d.set_item("emulation_seconds", s.emulation_time.as_secs_f64())?;

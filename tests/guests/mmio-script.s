@@ -7,6 +7,9 @@
 #   1  write the 32-bit value to the address
 #   2  wait until the 16-bit word at the address equals the value
 #   3  read 32 bits from the address and store them over the entry's value
+#   4  go on at entry number `value` (a loop)
+#   5  add the value to the 16-bit word at the address
+#   6  wait until the 16-bit word at the address equals the 16-bit word at address `value`
         .include "guest.inc"
         GUEST_START 64
         mov     $0x200000, %rsi
@@ -28,8 +31,29 @@ next:
         je      step
         pause
         jmp     3b
-2:      movl    (%rdi), %edx
+2:      cmp     $3, %eax
+        jne     4f
+        movl    (%rdi), %edx
         mov     %edx, 8(%rsi)
+        jmp     step
+4:      cmp     $4, %eax
+        jne     5f
+        mov     8(%rsi), %eax
+        shl     $4, %rax
+        lea     0x200000(%rax), %rsi
+        jmp     next
+5:      cmp     $5, %eax
+        jne     6f
+        mov     8(%rsi), %edx
+        addw    %dx, (%rdi)
+        jmp     step
+6:      mov     8(%rsi), %edx
+7:      movzwl  (%rdi), %ecx
+        movzwl  (%rdx), %r8d
+        cmp     %r8d, %ecx
+        je      step
+        pause
+        jmp     7b
 step:   add     $16, %rsi
         jmp     next
 done:   DEBUG_EXIT 0x31

@@ -61,6 +61,7 @@ describe("running guests", function()
     local kept, dropped = #vm.console.output_bytes, vm.console.dropped
     assert.is_true(dropped > 0 and kept >= 4096 and kept <= 4096 + 512, kept .. " kept, " .. dropped .. " dropped")
     assert.equals(string.rep("A", kept), vm.console.output)
+    assert.equals(dropped, vm:stats().console_dropped)
   end)
 
   it("reports a debug exit with its code", function()

@@ -13,7 +13,8 @@ import pytest
 
 import vmcore
 
-from test_foundation import _counts_back_to, _open_fds, _threads
+from test_foundation import _baseline_counts, _counts_back_to
+from test_lifecycle import resident_bytes
 
 SCRIPT = 0x20_0000
 QUEUE = 0x30_0000
@@ -196,7 +197,7 @@ def test_devices_leave_no_threads_or_descriptors_behind(vm_factory, guests, imag
     warm.add_net()
     warm.close()
     gc.collect()
-    fds, threads = _open_fds(), _threads()
+    fds, threads = _baseline_counts()
     for _ in range(2):
         a, b = vmcore.Vm(memory="32M"), vmcore.Vm(memory="32M")
         a.add_disk(image)
@@ -237,3 +238,31 @@ def test_a_virtio_console_carries_text_both_ways(vm_factory, guests):
     assert "hvc0" not in vm.console.output, "COM1 is a separate console"
     with pytest.raises(vmcore.ConsoleClosed):
         hvc.expect("never printed", timeout=5)
+
+
+def test_a_guest_flooding_its_virtio_console_costs_the_host_a_bounded_amount(vm_factory, guests):
+    # The guest posts one 64 KiB transmit buffer, waits for the device to use it and posts it
+    # again, for 5 s: the host keeps the newest console_limit bytes and counts the rest.
+    vm = vm_factory(memory="32M", console_limit=8 << 20)
+    hvc = vm.add_console()
+    (device,) = vm.virtio_devices
+    _, avail, used = rings(1)
+    s = Script()
+    s.bring_up(device.base, [0, 1])
+    desc(vm, 1, 0, DATA, 64 << 10, 0)  # every avail ring slot (zero) names descriptor 0
+    again = len(s.ops) // 16
+    s.op(avail + 2, 1, 5)  # avail.idx += 1
+    s.write(device.base + 0x50, 1)  # notify the transmit queue
+    s.op(used + 2, avail + 2, 6)  # wait until used.idx == avail.idx
+    s.op(0, again, 4)
+    s.load(vm)
+    vm.write_phys(DATA, b"flood\n" * ((64 << 10) // 6) + b"!" * ((64 << 10) % 6))
+    vm.load_flat(guests.bytes("mmio-script.bin"))
+    before = resident_bytes()
+    assert vm.run(timeout=5).reason == "timeout"
+    grown = resident_bytes() - before
+    printed = hvc.dropped + len(hvc.output_bytes)
+    assert printed > 256 << 20, f"the guest printed only {printed >> 20} MiB"
+    assert grown < 64 << 20, f"host memory grew by {grown >> 20} MiB while the guest printed {printed >> 20} MiB"
+    assert vm.stats()["console_dropped"] == hvc.dropped > 0
+    assert 8 << 20 <= len(hvc.output_bytes) <= 9 << 20

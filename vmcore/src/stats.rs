@@ -37,6 +37,9 @@ pub struct ExitStats {
     /// Counts the by-key maps above did not keep: each holds at most [`MAX_KEYS`] keys, and a
     /// guest choosing more (a scan of MMIO space, every MSR index) is counted here instead.
     pub uncounted_keys: u64,
+    /// Output bytes the VM's consoles let go to stay within their limit (see
+    /// [`crate::console::Console::dropped`]); filled in by the VM, not by the vCPUs.
+    pub console_dropped: u64,
 }
 
 /// The most distinct keys one by-key counter keeps. Keys are the guest's choice (addresses, MSR

@@ -910,7 +910,8 @@ class Vm:
         ``handling_seconds`` (vCPU threads' time in userspace between KVM_RUN calls, summed over
         vCPUs) and ``emulation_seconds`` (the part of it spent emulating instructions). Each
         by-key counter keeps at most 4096 keys (the guest chooses them); ``uncounted_keys``
-        counts the events beyond."""
+        counts the events beyond. ``console_dropped``: output bytes the consoles let go to stay
+        within ``console_limit``."""
         return self._native.stats()
 
     def __repr__(self) -> str:

@@ -1131,6 +1131,9 @@ impl Vm {
         for s in &self.machine.stats {
             all.merge(&lock(s));
         }
+        let virtio_consoles: Vec<Arc<Console>> = lock(&self.machine.virtio).iter().filter_map(|s| s.console.clone()).collect();
+        all.console_dropped = self.machine.console.dropped() as u64
+            + virtio_consoles.iter().map(|c| c.dropped() as u64).sum::<u64>();
         all
     }
 }
