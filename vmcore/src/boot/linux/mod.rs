@@ -156,7 +156,7 @@ pub fn load_linux(
         let placed = if opts.decompress_on_host {
             let payload = header.payload(image).map_err(&fail)?;
             let (compression, elf) =
-                payload::decompress(payload, ram.size()).map_err(|e| fail(e.to_string()))?;
+                payload::decompress(payload, payload::inflate_limit(ram.size())).map_err(|e| fail(e.to_string()))?;
             let placed = load_vmlinux(ram, &elf, &format!("{name} (decompressed payload)"))?;
             Placed {
                 format: "bzImage",

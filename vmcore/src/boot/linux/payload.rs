@@ -61,7 +61,7 @@ pub enum PayloadError {
     Unknown(Vec<u8>),
     #[error("its payload is {0}-compressed, which vmcore cannot decompress on the host; boot it with decompression in the guest")]
     Unsupported(&'static str),
-    #[error("its {format} payload decompresses to more than {} MiB, more than a kernel in this VM can be", .limit >> 20)]
+    #[error("its {format} payload decompresses to more than {} MiB, the most vmcore inflates for a VM this size (its RAM, at least 256 MiB, at most 1 GiB)", .limit >> 20)]
     TooLarge { format: &'static str, limit: u64 },
     #[error("its {format} payload is corrupt: {reason}")]
     Corrupt {
@@ -79,11 +79,20 @@ const LZ4_LEGACY_BLOCK: usize = 8 << 20;
 /// stops a hostile image from ballooning the host's memory.
 pub const MAX_DECOMPRESSED: u64 = 1 << 30;
 
+/// The least a payload may inflate to, whatever the VM's size: the ELF file is larger than the
+/// kernel it loads (Debian's 60 MiB vmlinux loads as 52 MiB), so a VM too small for a kernel
+/// should hear that from the loader, which says how much RAM it needs.
+pub const MIN_DECOMPRESSED: u64 = 256 << 20;
+
+/// How much a payload may inflate to in a VM with `ram` bytes of RAM: as much as the RAM,
+/// [`MIN_DECOMPRESSED`] at least and [`MAX_DECOMPRESSED`] at most.
+pub fn inflate_limit(ram: u64) -> u64 {
+    ram.clamp(MIN_DECOMPRESSED, MAX_DECOMPRESSED)
+}
+
 /// Decompresses a bzImage payload into the kernel's ELF image, refusing one that would grow
-/// past `limit` bytes (the guest's RAM, say: a larger kernel could not be loaded anyway) or
-/// [`MAX_DECOMPRESSED`]. It used to be cut at 1 GiB and loaded.
+/// past `limit` bytes ([`inflate_limit`]). It used to be cut at 1 GiB and loaded.
 pub fn decompress(payload: &[u8], limit: u64) -> Result<(Compression, Vec<u8>), PayloadError> {
-    let limit = limit.min(MAX_DECOMPRESSED);
     let format = Compression::detect(payload)
         .ok_or_else(|| PayloadError::Unknown(payload[..payload.len().min(8)].to_vec()))?;
     let corrupt = |reason: String| PayloadError::Corrupt {
@@ -218,6 +227,11 @@ mod tests {
         lz4.extend_from_slice(&block);
         assert_eq!(decompress(&lz4, 2 << 20).unwrap().1, elf);
         assert!(matches!(decompress(&lz4, 512 << 10), Err(PayloadError::TooLarge { format: "lz4", .. })));
+        // A VM's RAM sets the limit, within bounds: small VMs still inflate a real kernel and
+        // then hear how much RAM it needs.
+        assert_eq!(inflate_limit(32 << 20), MIN_DECOMPRESSED);
+        assert_eq!(inflate_limit(768 << 20), 768 << 20);
+        assert_eq!(inflate_limit(8 << 30), MAX_DECOMPRESSED);
     }
 
     #[test]
