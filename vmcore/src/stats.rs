@@ -47,6 +47,12 @@ pub struct ExitStats {
 /// memory by a map entry an address.
 pub const MAX_KEYS: usize = 4096;
 
+/// Whether `map` counts `key` itself: it does while it holds fewer than [`MAX_KEYS`] keys, and
+/// always for a key it already holds.
+fn keeps<K: Ord, V>(map: &BTreeMap<K, V>, key: &K) -> bool {
+    map.len() < MAX_KEYS || map.contains_key(key)
+}
+
 impl ExitStats {
     pub fn count_exit(&mut self, reason: &'static str) {
         *self.exits.entry(reason).or_default() += 1;
@@ -56,7 +62,7 @@ impl ExitStats {
     /// map holds [`MAX_KEYS`] other keys.
     pub fn count<K: Ord>(&mut self, which: fn(&mut ExitStats) -> &mut BTreeMap<K, u64>, key: K) {
         let map = which(self);
-        if map.len() < MAX_KEYS || map.contains_key(&key) {
+        if keeps(map, &key) {
             *map.entry(key).or_default() += 1;
         } else {
             self.uncounted_keys += 1;
@@ -66,7 +72,7 @@ impl ExitStats {
     pub fn merge(&mut self, other: &ExitStats) {
         fn add<K: Ord + Copy>(into: &mut BTreeMap<K, u64>, from: &BTreeMap<K, u64>, uncounted: &mut u64) {
             for (k, v) in from {
-                if into.len() < MAX_KEYS || into.contains_key(k) {
+                if keeps(into, k) {
                     *into.entry(*k).or_default() += v;
                 } else {
                     *uncounted += v;

@@ -80,6 +80,19 @@ mod tests {
     const LSR_DATA_READY: u8 = 0x01;
     const LSR_THR_EMPTY: u8 = 0x20;
 
+    /// What a polling guest reads: receive-buffer bytes while LSR says data is ready.
+    fn read_all(port: &mut SerialPort) -> Vec<u8> {
+        let (mut b, mut got) = ([0u8], Vec::new());
+        loop {
+            port.read(LSR, &mut b);
+            if b[0] & LSR_DATA_READY == 0 {
+                return got;
+            }
+            port.read(0, &mut b);
+            got.push(b[0]);
+        }
+    }
+
     #[test]
     fn transmit_reaches_the_console_and_input_survives_a_full_fifo() {
         let console = Console::new(None, crate::console::DEFAULT_LIMIT).unwrap();
@@ -94,16 +107,7 @@ mod tests {
 
         let input: Vec<u8> = (0..200u32).map(|i| b'a' + (i % 26) as u8).collect();
         port.feed(&input).unwrap();
-        let mut got = Vec::new();
-        loop {
-            port.read(LSR, &mut b);
-            if b[0] & LSR_DATA_READY == 0 {
-                break;
-            }
-            port.read(0, &mut b);
-            got.push(b[0]);
-        }
-        assert_eq!(got, input);
+        assert_eq!(read_all(&mut port), input);
     }
 
     #[test]
@@ -115,15 +119,7 @@ mod tests {
         assert!(waiting + 100 > INPUT_LIMIT, "{waiting} waiting");
         port.feed(&[b'z'; 5]).unwrap();
         // The guest reads; what it gets is every accepted byte, in order, and nothing refused.
-        let (mut b, mut got) = ([0u8], Vec::new());
-        loop {
-            port.read(LSR, &mut b);
-            if b[0] & LSR_DATA_READY == 0 {
-                break;
-            }
-            port.read(0, &mut b);
-            got.push(b[0]);
-        }
+        let got = read_all(&mut port);
         assert_eq!(got.len(), INPUT_LIMIT - 5);
         assert!(!got.contains(&b'y') && got.ends_with(b"zzzzz"));
     }
