@@ -253,7 +253,7 @@ fn from_hex(text: &str) -> Result<Vec<u8>, String> {
         .map(|l| l.split('#').next().unwrap_or_default())
         .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
         .collect();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err("an odd number of hex digits".into());
     }
     (0..digits.len())
